@@ -1,0 +1,1 @@
+"""The Faust app, settings, topics, message codecs and the pure logic of ragstream."""

