@@ -15,6 +15,9 @@ from ragstream.errors import RagstreamError
 
 COMMANDS = [
     "ragstream.cmd_kafka",
+    "ragstream.cmd_publish",
+    "ragstream.cmd_worker",
+    "ragstream.cmd_search",
 ]
 
 

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
         default=10.0, description="Consumer session timeout: how fast a dead worker is noticed."
     )
     commit_interval_s: float = Field(default=1.0, description="How often acked offsets commit.")
-    web_port: int = Field(default=6066, description="The worker's HTTP port (status, metrics).")
+    web_port: int = Field(default=0, description="Faust web server port per stage; 0 = off.")
 
     # --- fetch + chunk -----------------------------------------------------------------
     fetch_concurrency: int = Field(default=32, ge=1, description="Fetches in flight per worker.")

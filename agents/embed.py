@@ -1,0 +1,142 @@
+"""Embed stage: ``chunks`` -> ``vectors``; one model in memory, fed continuously.
+
+One consumer per ``chunks`` partition. The agent gathers a pool of chunks (by count or
+time), plans token-budget batches over it, and hands the pool to an encoder task; while
+that task runs the model (in a thread: torch releases the GIL, so heartbeats, commits and
+the next pool's gathering go on), the agent gathers the next pool. A pool's vectors are
+produced in offset order and its events acked once the broker has them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+
+import faust
+from faust.types import EventT
+
+from agents.common import dead_letter, delivered, fatal
+from streams.app import dlq_topic, topic
+from streams.batching import plan_batches
+from streams.embedder import Embedder
+from streams.messages import Chunk, DecodeError, Sparse, Vector, decode_chunk, encode_vector
+from streams.settings import Settings
+from streams.topics import CHUNKS, VECTORS
+
+log = logging.getLogger(__name__)
+STAGE = "embed"
+
+
+class EmbedStats:
+    """Busy time of the model, for the benchmark's busy fraction and the logs."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.busy_s = 0.0
+        self.texts = 0
+        self.tokens = 0
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    chunks = topic(app, settings, CHUNKS)
+    vectors = topic(app, settings, VECTORS)
+    dlq = dlq_topic(app, settings, CHUNKS)
+    stats = EmbedStats()
+
+    @app.agent(chunks, name="embed")
+    async def embed(stream: faust.StreamT) -> None:
+        embedder = await asyncio.to_thread(Embedder, settings)
+        pools: asyncio.Queue[list[EventT]] = asyncio.Queue(maxsize=1)
+
+        async def encode_pool(events: list[EventT]) -> None:
+            decoded: list[Chunk | None] = []
+            sent: list[Awaitable] = []
+            for event in events:
+                try:
+                    decoded.append(decode_chunk(event.message.value))
+                except DecodeError as exc:
+                    decoded.append(None)
+                    sent.append(await dead_letter(dlq, STAGE, event, exc.error_class, str(exc)))
+            todo = [i for i, c in enumerate(decoded) if c is not None and c.op == "upsert"]
+            results: dict[int, Vector | Exception] = {}
+            if todo:
+                texts = [decoded[i].text or "" for i in todo]  # type: ignore[union-attr]
+                lengths = await asyncio.to_thread(embedder.token_lengths, texts)
+                for batch in plan_batches(lengths, settings.embed_batch_tokens,
+                                          settings.embed_max_batch):
+                    idx = [todo[b] for b in batch]
+                    results.update(await encode_batch(embedder, [decoded[i] for i in idx], idx))
+                    stats.tokens += sum(lengths[b] for b in batch)
+            for i, (event, chunk) in enumerate(zip(events, decoded, strict=True)):
+                if chunk is None:
+                    continue
+                if chunk.op == "delete":
+                    vec: Vector | Exception = Vector(chunk=chunk)
+                else:
+                    vec = results[i]
+                if isinstance(vec, Exception):
+                    sent.append(
+                        await dead_letter(dlq, STAGE, event, "embed", repr(vec), 1, chunk.url)
+                    )
+                else:
+                    sent.append(await vectors.send(key=chunk.key(), value=encode_vector(vec)))
+            await delivered(sent)
+
+        async def encode_batch(
+            embedder: Embedder, batch: list[Chunk], idx: list[int]
+        ) -> dict[int, Vector | Exception]:
+            """One encode call; if it fails, each text alone, so one bad text costs one."""
+            t0 = time.perf_counter()
+            try:
+                out = await asyncio.to_thread(embedder.encode, [c.text or "" for c in batch])
+                encoded = [(c, out.dense[j], out.sparse[j] if out.sparse else None)
+                           for j, c in enumerate(batch)]
+            except Exception as exc:
+                if len(batch) == 1:
+                    log.warning("cannot embed chunk of %s: %r", batch[0].url, exc)
+                    return {idx[0]: exc}
+                res: dict[int, Vector | Exception] = {}
+                for c, i in zip(batch, idx, strict=True):
+                    res.update(await encode_batch(embedder, [c], [i]))
+                return res
+            finally:
+                stats.busy_s += time.perf_counter() - t0
+            stats.texts += len(batch)
+            return {
+                i: Vector(
+                    chunk=c,
+                    model=embedder.name,
+                    dim=embedder.dim,
+                    dense=dense,
+                    sparse=Sparse(list(sp), _f32(sp.values())) if sp is not None else None,
+                )
+                for i, (c, dense, sp) in zip(idx, encoded, strict=True)
+            }
+
+        async def encoder() -> None:
+            while True:
+                events = await pools.get()
+                try:
+                    await encode_pool(events)
+                except Exception as exc:
+                    fatal("embedding a pool failed", exc)
+                for event in events:
+                    await stream.ack(event)
+
+        task = asyncio.create_task(encoder())
+        try:
+            pool = settings.embed_max_batch * 4
+            async for events in stream.noack_take(pool, within=settings.embed_gather_s):
+                await pools.put(list(events))
+        finally:
+            task.cancel()
+
+    app.embed_stats = stats  # type: ignore[attr-defined]
+
+
+def _f32(values: object) -> object:
+    import numpy as np  # noqa: PLC0415
+
+    return np.fromiter(values, dtype=np.float32)  # type: ignore[arg-type]

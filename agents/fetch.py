@@ -1,0 +1,121 @@
+"""Fetch + chunk stage: ``urls`` -> ``chunks``; many pages in flight, acked in order.
+
+Each URL becomes a task (fetch, extract, chunk, produce); tasks run concurrently, but a
+URL's event is acked only after its chunks (or its dead letter) were acknowledged by the
+broker, and events are acked in offset order, so a committed offset never passes a page
+still in flight. Two requests for the same page run one after the other, so its chunks
+reach ``chunks`` in request order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+
+import faust
+from faust.types import EventT
+
+from agents.common import dead_letter, delivered, fatal
+from agents.fetcher import Fetcher, FetchFailed
+from streams.app import dlq_topic, topic
+from streams.chunking import Chunker
+from streams.documents import page_chunks, trim
+from streams.embedder import resolve_model_path
+from streams.extract import UnsupportedContent
+from streams.ids import normalize_url
+from streams.messages import DecodeError, decode_url, encode_chunk
+from streams.settings import Settings
+from streams.topics import CHUNKS, URLS
+
+log = logging.getLogger(__name__)
+STAGE = "fetch"
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    urls = topic(app, settings, URLS)
+    chunks = topic(app, settings, CHUNKS)
+    dlq = dlq_topic(app, settings, URLS)
+
+    @app.agent(urls, name="fetch")
+    async def fetch(stream: faust.StreamT) -> None:
+        chunker = await asyncio.to_thread(
+            Chunker.from_model,
+            resolve_model_path(settings.model),
+            settings.chunk_tokens,
+            settings.chunk_overlap,
+        )
+        fetcher = Fetcher(settings)
+        in_order: asyncio.Queue[tuple[EventT, asyncio.Task]] = asyncio.Queue(
+            maxsize=settings.fetch_concurrency * 4
+        )
+        running: dict[str, asyncio.Task] = {}
+        gate = asyncio.Semaphore(settings.fetch_concurrency)
+        s = stream.noack()
+
+        async def process(event: EventT, before: asyncio.Task | None) -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            async with gate:
+                await handle(event)
+
+        async def handle(event: EventT) -> None:
+            try:
+                req = decode_url(event.message.value)
+                url = normalize_url(req.url)
+            except (DecodeError, ValueError) as exc:
+                cls = getattr(exc, "error_class", "schema")
+                await delivered([await dead_letter(dlq, STAGE, event, cls, str(exc))])
+                return
+            sent: list[Awaitable] = []
+            try:
+                if req.delete:
+                    out = [trim(url, 0)]
+                else:
+                    page = await fetcher.fetch(url)
+                    if page.gone:
+                        log.info("gone (HTTP %d): %s", page.status, url)
+                        out = [trim(url, 0)]
+                    else:
+                        out = await asyncio.to_thread(
+                            page_chunks, url, page.body, page.content_type, chunker
+                        )
+                        if not out:
+                            out = [trim(url, 0)]
+            except FetchFailed as exc:
+                sent.append(
+                    await dead_letter(dlq, STAGE, event, exc.error_class, str(exc), exc.attempts,
+                                      url)
+                )
+                out = []
+            except UnsupportedContent as exc:
+                sent.append(
+                    await dead_letter(dlq, STAGE, event, "unsupported_content", str(exc), 1, url)
+                )
+                out = []
+            for c in out:
+                sent.append(await chunks.send(key=c.key(), value=encode_chunk(c)))
+            await delivered(sent)
+
+        async def acker() -> None:
+            while True:
+                event, task = await in_order.get()
+                try:
+                    await task
+                except Exception as exc:  # Kafka refused our output: do not skip the page
+                    fatal(f"fetch of offset {event.message.offset} failed", exc)
+                await s.ack(event)
+
+        ack_task = asyncio.create_task(acker())
+        try:
+            async for event in s.events():
+                key = (event.message.key or b"").decode("utf-8", "replace")
+                task = asyncio.create_task(process(event, running.get(key)))
+                running[key] = task
+                task.add_done_callback(
+                    lambda t, k=key: running.pop(k, None) if running.get(k) is t else None
+                )
+                await in_order.put((event, task))
+        finally:
+            ack_task.cancel()
+            await fetcher.aclose()

