@@ -18,6 +18,7 @@ COMMANDS = [
     "ragstream.cmd_publish",
     "ragstream.cmd_worker",
     "ragstream.cmd_search",
+    "ragstream.cmd_demo",
 ]
 
 

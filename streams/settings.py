@@ -104,6 +104,21 @@ class Settings(BaseSettings):
     def milvus_is_lite(self) -> bool:
         return not self.milvus_target.startswith(("http://", "https://", "tcp://", "grpc://"))
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as environment variables, for the processes a supervisor starts."""
+        env = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name == "milvus_uri":
+                env["MILVUS_URI"] = str(value)
+            elif name == "milvus_token":
+                env["MILVUS_TOKEN"] = str(value)
+            elif isinstance(value, Path):
+                env[f"RAGSTREAM_{name.upper()}"] = str(value.resolve())
+            else:
+                env[f"RAGSTREAM_{name.upper()}"] = str(value)
+        return env
+
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 

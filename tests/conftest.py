@@ -1,0 +1,73 @@
+"""Shared fixtures: one real Kafka broker per test session, an isolated namespace per test.
+
+The broker is the one in RAGSTREAM_TEST_BROKER when set (``.ci/run`` starts one with
+``ragstream kafka up``); otherwise the session starts its own on a free port and stops it
+at the end. Each test gets its own topic prefix, consumer groups and Milvus Lite file,
+so tests share the broker without seeing each other's messages.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streams.settings import MINILM, Settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    given = os.environ.get("RAGSTREAM_TEST_BROKER")
+    if given:
+        yield given
+        return
+    from ragstream import kafka_local
+
+    home = tmp_path_factory.mktemp("kafka-home")
+    port = kafka_local.free_port()
+    settings = Settings(home=home, broker=f"127.0.0.1:{port}")
+    info = kafka_local.up(settings)
+    try:
+        yield info.bootstrap
+    finally:
+        kafka_local.down(settings)
+
+
+@pytest.fixture
+def settings(broker: str, tmp_path: Path) -> Settings:
+    """Settings for one test: its own topics, groups and Milvus file on the shared broker."""
+    ns = f"t{uuid.uuid4().hex[:10]}"
+    return Settings(
+        home=tmp_path / "home",
+        broker=broker,
+        app_id=ns,
+        topic_prefix=f"{ns}.",
+        model=MINILM,
+        session_timeout_s=6.0,
+        commit_interval_s=0.5,
+        window_s=1.0,
+        fetch_backoff_s=0.1,
+        fetch_timeout_s=5.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def django_docs() -> Path:
+    from ragstream.corpus import ensure_django_docs
+
+    return ensure_django_docs(Settings().cache_dir)
+
+
+@pytest.fixture(scope="session")
+def chunker():
+    from streams.chunking import Chunker
+    from streams.embedder import resolve_model_path
+
+    s = Settings(model=MINILM)
+    return Chunker.from_model(resolve_model_path(s.model), s.chunk_tokens, s.chunk_overlap)
