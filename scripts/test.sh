@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Run the test suite against a real Kafka broker that this script starts (and stops).
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not faults"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RAGSTREAM_HOME=${RAGSTREAM_TEST_HOME:-$PWD/.ragstream/test}
+PORT=${RAGSTREAM_TEST_PORT:-19092}
+export RAGSTREAM_BROKER=127.0.0.1:$PORT
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/ragstream kafka up --port "$PORT"
+trap '.venv/bin/ragstream kafka down >/dev/null || true' EXIT
+export RAGSTREAM_TEST_BROKER=$RAGSTREAM_BROKER
+# pytest exits 5 when no test ran: that fails here as any non-zero status does.
+.venv/bin/python -m pytest "$@"
