@@ -64,8 +64,9 @@ def register(app: faust.App, settings: Settings) -> None:
             if todo:
                 texts = [decoded[i].text or "" for i in todo]  # type: ignore[union-attr]
                 lengths = await asyncio.to_thread(embedder.token_lengths, texts)
-                for batch in plan_batches(lengths, settings.embed_batch_tokens,
-                                          settings.embed_max_batch):
+                for batch in plan_batches(
+                    lengths, settings.embed_batch_tokens, settings.embed_max_batch
+                ):
                     idx = [todo[b] for b in batch]
                     results.update(await encode_batch(embedder, [decoded[i] for i in idx], idx))
                     stats.tokens += sum(lengths[b] for b in batch)
@@ -91,8 +92,10 @@ def register(app: faust.App, settings: Settings) -> None:
             t0 = time.perf_counter()
             try:
                 out = await asyncio.to_thread(embedder.encode, [c.text or "" for c in batch])
-                encoded = [(c, out.dense[j], out.sparse[j] if out.sparse else None)
-                           for j, c in enumerate(batch)]
+                encoded = [
+                    (c, out.dense[j], out.sparse[j] if out.sparse else None)
+                    for j, c in enumerate(batch)
+                ]
             except Exception as exc:
                 if len(batch) == 1:
                     log.warning("cannot embed chunk of %s: %r", batch[0].url, exc)

@@ -84,8 +84,9 @@ def register(app: faust.App, settings: Settings) -> None:
                             out = [trim(url, 0)]
             except FetchFailed as exc:
                 sent.append(
-                    await dead_letter(dlq, STAGE, event, exc.error_class, str(exc), exc.attempts,
-                                      url)
+                    await dead_letter(
+                        dlq, STAGE, event, exc.error_class, str(exc), exc.attempts, url
+                    )
                 )
                 out = []
             except UnsupportedContent as exc:

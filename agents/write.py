@@ -56,8 +56,9 @@ def register(app: faust.App, settings: Settings) -> None:
         for event, vec in good:
             if id(vec) in misfits:
                 sent.append(
-                    await dead_letter(dlq, STAGE, event, "schema", misfits[id(vec)], 1,
-                                      vec.chunk.url)
+                    await dead_letter(
+                        dlq, STAGE, event, "schema", misfits[id(vec)], 1, vec.chunk.url
+                    )
                 )
         window = reduce_window(v for _, v in good if id(v) not in misfits)
         t0 = time.perf_counter()
@@ -65,7 +66,10 @@ def register(app: faust.App, settings: Settings) -> None:
         await delivered(sent)
         log.info(
             "window: %d messages, %d rows upserted, %d docs trimmed in %.2fs",
-            len(events), n, len(window.trims), time.perf_counter() - t0,
+            len(events),
+            n,
+            len(window.trims),
+            time.perf_counter() - t0,
         )
 
 
@@ -95,7 +99,6 @@ async def retrying(what: str, fn, settings: Settings):  # noqa: ANN001, ANN201
         try:
             return await asyncio.to_thread(fn)
         except Exception as exc:
-            log.warning("%s failed (attempt %d), retrying in %.1fs: %r", what, attempt, delay,
-                        exc)
+            log.warning("%s failed (attempt %d), retrying in %.1fs: %r", what, attempt, delay, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, settings.write_backoff_max_s)

@@ -19,6 +19,7 @@ COMMANDS = [
     "ragstream.cmd_worker",
     "ragstream.cmd_search",
     "ragstream.cmd_demo",
+    "ragstream.cmd_status",
 ]
 
 

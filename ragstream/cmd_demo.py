@@ -35,16 +35,28 @@ QUERY = "How do I write a custom template filter?"
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("demo", help="ingest the Django docs end to end and search them",
-                              description=__doc__)
+    p = subparsers.add_parser(
+        "demo", help="ingest the Django docs end to end and search them", description=__doc__
+    )
     p.add_argument("--all", action="store_true", help="ingest every page (656), not a subset")
-    p.add_argument("--docs", type=int, default=DEFAULT_DOCS,
-                   help=f"pages in the subset ({DEFAULT_DOCS}, about 3 minutes on 2 cores)")
-    p.add_argument("--latency-ms", type=float, default=50.0,
-                   help="latency the local docs server adds per request (50)")
+    p.add_argument(
+        "--docs",
+        type=int,
+        default=DEFAULT_DOCS,
+        help=f"pages in the subset ({DEFAULT_DOCS}, about 3 minutes on 2 cores)",
+    )
+    p.add_argument(
+        "--latency-ms",
+        type=float,
+        default=50.0,
+        help="latency the local docs server adds per request (50)",
+    )
     p.add_argument("--query", default=QUERY, help="the sample search")
-    p.add_argument("--keep-broker", action="store_true",
-                   help="leave a broker the demo started running afterwards")
+    p.add_argument(
+        "--keep-broker",
+        action="store_true",
+        help="leave a broker the demo started running afterwards",
+    )
     p.set_defaults(func=cmd_demo)
 
 
@@ -67,13 +79,15 @@ def broker_answers(bootstrap: str) -> bool:
 
 def worker_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "RAGSTREAM_MODEL": settings.model,
-        "RAGSTREAM_BROKER": settings.broker,
-        "RAGSTREAM_HOME": str(settings.home.resolve()),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    })
+    env.update(
+        {
+            "RAGSTREAM_MODEL": settings.model,
+            "RAGSTREAM_BROKER": settings.broker,
+            "RAGSTREAM_HOME": str(settings.home.resolve()),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     return env
 
 
@@ -89,20 +103,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     docs = ensure_django_docs(settings.cache_dir)
     files = corpus_files(docs)
     chosen = files if args.all else subset(files, args.docs)
-    console.print(f"[bold]Corpus:[/] {len(chosen)} of {len(files)} Django doc pages "
-                  f"(served on 127.0.0.1 with {args.latency_ms:.0f} ms latency)")
+    console.print(
+        f"[bold]Corpus:[/] {len(chosen)} of {len(files)} Django doc pages "
+        f"(served on 127.0.0.1 with {args.latency_ms:.0f} ms latency)"
+    )
     asyncio.run(ensure_topics(settings))
     base = asyncio.run(snapshot_raw(settings))
     log_path = settings.home / "demo-worker.log"
     settings.home.mkdir(parents=True, exist_ok=True)
-    with CorpusServer(docs, latency_s=args.latency_ms / 1000) as server, \
-            open(log_path, "ab") as log_file:
+    with (
+        CorpusServer(docs, latency_s=args.latency_ms / 1000) as server,
+        open(log_path, "ab") as log_file,
+    ):
         worker = subprocess.Popen(
-            [sys.executable, "-m", "ragstream.cli", "worker"], env=worker_env(settings),
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "ragstream.cli", "worker"],
+            env=worker_env(settings),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-        console.print(f"[bold]Worker[/] pid {worker.pid} (fetch, embed, write; model "
-                      f"{settings.model}); log: {log_path}")
+        console.print(
+            f"[bold]Worker[/] pid {worker.pid} (fetch, embed, write; model "
+            f"{settings.model}); log: {log_path}"
+        )
         try:
             reqs = [UrlRequest(url=server.url_of(p), source="demo") for p in chosen]
             n = asyncio.run(publish(settings, reqs))
@@ -128,7 +151,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         kafka_local.down(settings)
     console.print(
         "\n[bold]Try next:[/]\n"
-        f"  RAGSTREAM_MODEL={settings.model} ragstream search \"your question\" -k 5\n"
+        f'  RAGSTREAM_MODEL={settings.model} ragstream search "your question" -k 5\n'
         "  ragstream kafka up && ragstream worker        # keep a pipeline running\n"
         "  ragstream publish https://example.org/page    # ingest any page\n"
         "  ragstream demo --all                          # the whole corpus (656 pages)"
@@ -136,10 +159,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def follow(settings: Settings, base: dict[str, int], n: int, console: Console,
-           worker: subprocess.Popen) -> Snapshot:
-    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn())
+def follow(
+    settings: Settings, base: dict[str, int], n: int, console: Console, worker: subprocess.Popen
+) -> Snapshot:
+    cols = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*cols, console=console) as bar:
         pages = bar.add_task("pages fetched   ", total=n)
         embedded = bar.add_task("chunks embedded ", total=None)

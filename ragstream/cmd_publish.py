@@ -71,6 +71,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         UrlRequest(url=u, source=args.source, force=args.force, delete=args.delete) for u in urls
     )
     n = asyncio.run(publish(settings, reqs))
-    print(f"published {n} URL{'s' if n != 1 else ''} to {settings.topic('urls')} "
-          f"on {settings.broker}")
+    print(
+        f"published {n} URL{'s' if n != 1 else ''} to {settings.topic('urls')} on {settings.broker}"
+    )
     return 1 if bad else 0

@@ -22,7 +22,8 @@ def register(subparsers: Any) -> None:
         ),
     )
     p.add_argument(
-        "--stages", default="fetch,embed,write",
+        "--stages",
+        default="fetch,embed,write",
         help="comma-separated subset of fetch,embed,write (default: all)",
     )
     p.add_argument("--fetchers", type=int, default=1, help="fetch processes to run (1)")

@@ -40,9 +40,22 @@ def ensure_django_docs(cache_dir: Path, version: str = DJANGO_VERSION) -> Path:
     if not sdist.exists():
         print(f"downloading the django=={version} sdist from PyPI (once) ...", file=sys.stderr)
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "--disable-pip-version-check", "-q", "-d", str(dl), f"django=={version}"],
-            capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+                str(dl),
+                f"django=={version}",
+            ],
+            capture_output=True,
+            text=True,
         )
         found = sorted(dl.glob(f"[dD]jango-{version}.tar.gz"))
         if proc.returncode != 0 or not found:
@@ -111,12 +124,20 @@ class CorpusServer:
                 if self.headers.get("If-None-Match") == etag:
                     self._send(304, b"", None, {"ETag": etag, "Last-Modified": mtime})
                     return
-                ctype = "text/html; charset=utf-8" if path.suffix == ".html" else \
-                    "text/plain; charset=utf-8"
+                ctype = (
+                    "text/html; charset=utf-8"
+                    if path.suffix == ".html"
+                    else "text/plain; charset=utf-8"
+                )
                 self._send(200, body, ctype, {"ETag": etag, "Last-Modified": mtime})
 
-            def _send(self, status: int, body: bytes, ctype: str | None,
-                      headers: dict[str, str] | None = None) -> None:
+            def _send(
+                self,
+                status: int,
+                body: bytes,
+                ctype: str | None,
+                headers: dict[str, str] | None = None,
+            ) -> None:
                 self.send_response(status)
                 if ctype:
                     self.send_header("Content-Type", ctype)

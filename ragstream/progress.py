@@ -30,18 +30,24 @@ class Snapshot:
     @property
     def done(self) -> bool:
         return (
-            self.fetched == self.urls and self.embedded == self.chunks
+            self.fetched == self.urls
+            and self.embedded == self.chunks
             and self.written == self.vectors
         )
 
 
 async def snapshot_raw(settings: Settings) -> dict[str, int]:
     lags = {lag.stage: lag for lag in await stage_lags(settings)}
-    ends = await topic_end_offsets(settings, [settings.topic(dlq(t)) for t in (URLS, CHUNKS, VECTORS)])
+    ends = await topic_end_offsets(
+        settings, [settings.topic(dlq(t)) for t in (URLS, CHUNKS, VECTORS)]
+    )
     return {
-        "urls": lags["fetch"].end, "fetched": lags["fetch"].committed,
-        "chunks": lags["embed"].end, "embedded": lags["embed"].committed,
-        "vectors": lags["write"].end, "written": lags["write"].committed,
+        "urls": lags["fetch"].end,
+        "fetched": lags["fetch"].committed,
+        "chunks": lags["embed"].end,
+        "embedded": lags["embed"].committed,
+        "vectors": lags["write"].end,
+        "written": lags["write"].committed,
         **{f"dead:{k}": v for k, v in ends.items()},
     }
 
@@ -51,8 +57,12 @@ async def snapshot(settings: Settings, base: dict[str, int] | None = None) -> Sn
     b = base or {}
     d = {k: raw[k] - b.get(k, 0) for k in raw}
     return Snapshot(
-        urls=d["urls"], fetched=d["fetched"], chunks=d["chunks"], embedded=d["embedded"],
-        vectors=d["vectors"], written=d["written"],
+        urls=d["urls"],
+        fetched=d["fetched"],
+        chunks=d["chunks"],
+        embedded=d["embedded"],
+        vectors=d["vectors"],
+        written=d["written"],
         dead={k.split(":", 1)[1]: v for k, v in d.items() if k.startswith("dead:") and v},
     )
 

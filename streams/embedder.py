@@ -123,7 +123,11 @@ class Embedder:
         self.dim = int(self.encode(["dimension probe"]).dense.shape[1])
         log.info(
             "model %s loaded on %s in %.1fs (dim %d, max %d tokens, sparse=%s)",
-            self.name, self.device, time.perf_counter() - t0, self.dim, self.max_length,
+            self.name,
+            self.device,
+            time.perf_counter() - t0,
+            self.dim,
+            self.max_length,
             self.sparse,
         )
 

@@ -178,7 +178,9 @@ class MilvusStore:
         rows = list(window.rows.values())
         if rows:
             first = rows[0]
-            self.ensure_collection(first.model or "?", int(first.dim or 0), first.sparse is not None)
+            self.ensure_collection(
+                first.model or "?", int(first.dim or 0), first.sparse is not None
+            )
         elif self.dim is None:
             return 0  # nothing written yet and only trims: nothing to trim
         payload = [row_of(v, self.sparse) for v in rows]
@@ -222,8 +224,9 @@ class MilvusStore:
         """Every row (for tests and audits); iterates so it is not capped by query limits."""
         if not self.client.has_collection(self.name):
             return []
-        it = self.client.query_iterator(self.name, filter="", output_fields=list(fields),
-                                        batch_size=1000)
+        it = self.client.query_iterator(
+            self.name, filter="", output_fields=list(fields), batch_size=1000
+        )
         out: list[dict[str, Any]] = []
         while True:
             batch = it.next()

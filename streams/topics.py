@@ -7,6 +7,7 @@ one embed worker per partition is the design.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -55,10 +56,8 @@ async def ensure_topics(settings: Settings) -> None:
             if name not in existing
         ]
         if new:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await client.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
             log.info("created topics %s", ", ".join(t.name for t in new))
     finally:
         await client.close()

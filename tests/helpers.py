@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -69,10 +70,8 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        try:  # anything left in the group (should be nothing)
+        with contextlib.suppress(ProcessLookupError):  # anything left (should be nothing)
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def tail(self, n: int = 60) -> str:
         try:

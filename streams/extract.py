@@ -1,0 +1,554 @@
+"""From a fetched body to the text worth embedding: decode, pick the main content, keep blocks.
+
+Pure (no I/O), so the expected index can be computed without a fetcher. Navigation, footers
+and scripts are dropped because they repeat on every page of a site: embedded, they would
+make every page look alike and drown the real content in search results.
+
+Blocks (paragraphs, headings, list items, code) come out separated by newlines: a blank line
+between paragraphs, headings and code blocks, one newline between list items, table rows and
+``<br>`` lines. The chunker prefers to cut at blank lines, so this is what keeps a chunk from
+starting in the middle of a paragraph.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from urllib.parse import urlsplit
+
+from selectolax.lexbor import LexborHTMLParser, LexborNode
+
+__all__ = ["Extracted", "UnsupportedContent", "extract_text"]
+
+
+class UnsupportedContent(ValueError):
+    """The body is not text we can index (an image, a PDF, an opaque binary...).
+
+    A ``ValueError`` so a caller that dead-letters bad input catches it with the rest; its
+    own type so a caller can tell "not indexable" from "broken".
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Extracted:
+    """The text of one page, its title (if any) and how it was read (``html`` or ``text``)."""
+
+    text: str
+    title: str | None
+    kind: str
+
+
+HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+MARKDOWN_TYPES = frozenset({"text/markdown", "text/x-markdown"})
+RST_TYPES = frozenset({"text/x-rst", "text/prs.fallenstein.rst", "text/restructuredtext"})
+PLAIN_TYPES = frozenset({"text/plain"})
+TEXT_TYPES = MARKDOWN_TYPES | RST_TYPES | PLAIN_TYPES
+
+_MD_SUFFIXES = frozenset({".md", ".markdown"})
+_RST_SUFFIXES = frozenset({".rst", ".txt"})
+_HTML_SUFFIXES = frozenset({".html", ".htm", ".xhtml"})
+
+# --- decoding -----------------------------------------------------------------------------
+
+_BOMS = (
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+#: What browsers do (WHATWG Encoding): these labels mean windows-1252, whose 0x80-0x9F are
+#: curly quotes and dashes rather than invisible C1 controls.
+_WINDOWS_1252_ALIASES = frozenset({"latin_1", "ascii", "iso8859-1"})
+_META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9._:\-]+)""", re.I)
+_SNIFF_HTML = re.compile(
+    rb"^(?:\xef\xbb\xbf)?\s*(?:<!--.*?-->\s*)*<(?:!doctype\s+html|html)[\s>]", re.I | re.S
+)
+
+
+def _parse_content_type(content_type: str | None) -> tuple[str, dict[str, str]]:
+    if not content_type:
+        return "", {}
+    mime, *params = content_type.split(";")
+    out: dict[str, str] = {}
+    for p in params:
+        k, sep, v = p.partition("=")
+        if sep:
+            out[k.strip().lower()] = v.strip().strip("\"'")
+    return mime.strip().lower(), out
+
+
+def _codec(label: str | None) -> str | None:
+    """Python's codec name for a charset label, or None for an unknown one."""
+    if not label:
+        return None
+    try:
+        name = codecs.lookup(label.strip()).name
+    except LookupError:
+        return None
+    return "cp1252" if name in _WINDOWS_1252_ALIASES else name
+
+
+def _decode(body: bytes, charset: str | None, is_html: bool) -> str:
+    """A byte order mark wins, then the declared charset, then a ``<meta>`` one, then UTF-8.
+
+    Never raises: undecodable bytes become U+FFFD, because a page with one bad byte is still
+    worth indexing.
+    """
+    for bom, name in _BOMS:
+        if body.startswith(bom):
+            return body[len(bom) :].decode(name, errors="replace")
+    codec = _codec(charset)
+    if codec is None and is_html:
+        m = _META_CHARSET.search(body[:4096])
+        if m:
+            codec = _codec(m.group(1).decode("ascii", "replace"))
+            if codec in ("utf-16", "utf-16-le", "utf-16-be"):
+                codec = "utf-8"  # a <meta> readable as ASCII cannot be UTF-16 (WHATWG says so)
+    return body.decode(codec or "utf-8", errors="replace")
+
+
+# --- plain text, Markdown, reStructuredText -----------------------------------------------
+
+_RST_ADORNMENT = re.compile(r"""^([=\-`:'"~^_*+#<>.!$%&(),/;?@\[\\\]{|}])\1{2,}\s*$""")
+_MD_ATX = re.compile(r"^\s{0,3}#\s+(.+?)\s*#*\s*$")
+_MD_SETEXT = re.compile(r"^\s{0,3}(=+|-+)\s*$")
+
+
+def normalize_text(text: str) -> str:
+    """``\\n`` newlines, no trailing spaces, at most two blank lines in a row, no blank ends.
+
+    Keeps leading indentation: in reStructuredText and Markdown it carries meaning (code and
+    literal blocks).
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    text = re.sub(r"\n{4,}", "\n\n\n", text)
+    return text.strip("\n")
+
+
+def _first_line(lines: list[str], skip_directives: bool) -> str | None:
+    for line in lines:
+        s = line.strip()
+        if not s or _RST_ADORNMENT.match(s):
+            continue
+        if skip_directives and s.startswith(".."):
+            continue
+        return s
+    return None
+
+
+def _rst_title(lines: list[str]) -> str | None:
+    """The first section title: a text line directly above an adornment line."""
+    for above, below in zip(lines, lines[1:], strict=False):
+        a = above.strip()
+        if a and not _RST_ADORNMENT.match(a) and _RST_ADORNMENT.match(below.strip()):
+            return a
+    return None
+
+
+def _markdown_title(lines: list[str]) -> str | None:
+    """The first ``# `` heading; else a setext ``Title`` over ``=====``."""
+    in_fence = False
+    for line in lines:
+        if line.lstrip().startswith(("```", "~~~")):
+            in_fence = not in_fence
+            continue
+        if not in_fence:
+            m = _MD_ATX.match(line)
+            if m:
+                return m.group(1).strip()
+    for above, below in zip(lines, lines[1:], strict=False):
+        if above.strip() and _MD_SETEXT.match(below) and below.strip()[0] == "=":
+            return above.strip()
+    return None
+
+
+def _text_title(text: str, flavor: str) -> str | None:
+    lines = text.split("\n")
+    if flavor == "md":
+        return _markdown_title(lines) or _first_line(lines, skip_directives=False)
+    if flavor == "rst":
+        return _rst_title(lines) or _first_line(lines, skip_directives=True)
+    return _first_line(lines, skip_directives=False)
+
+
+# --- HTML ---------------------------------------------------------------------------------
+
+#: Removed with their content wherever they are: never the text of the page.
+_DROP_TAGS = (
+    "script",
+    "style",
+    "noscript",
+    "template",
+    "nav",
+    "footer",
+    "aside",
+    "form",
+    "button",
+    "select",
+    "svg",
+    "canvas",
+    "iframe",
+    "object",
+    "embed",
+    "dialog",
+)
+_DROP_SELECTOR = ", ".join(
+    (
+        *_DROP_TAGS,
+        "[hidden]",
+        '[aria-hidden="true"]',
+        '[role="navigation"]',
+        '[role="banner"]',
+        '[role="contentinfo"]',
+        '[role="complementary"]',
+        '[role="search"]',
+        '[role="dialog"]',
+    )
+)
+#: An id or class containing one of these words (split on ``-``/``_``, or camelCase) marks
+#: boilerplate: ``site-footer``, ``sidebarLeft``, ``cookie_banner``, ``breadcrumbs``...
+_BOILERPLATE_WORDS = frozenset(
+    {
+        "nav",
+        "navbar",
+        "navigation",
+        "menu",
+        "menubar",
+        "sidebar",
+        "breadcrumb",
+        "breadcrumbs",
+        "cookie",
+        "cookies",
+        "consent",
+        "footer",
+        "masthead",
+        "banner",
+        "advert",
+        "advertisement",
+        "ads",
+        "share",
+        "social",
+        "skiplink",
+        "toc",
+        "related",
+        "pagination",
+        "newsletter",
+        "popup",
+        "modal",
+    }
+)
+#: Ancestors that make a ``<header>`` the heading of the content, not the site banner.
+_SECTIONING = frozenset({"article", "main", "section"})
+_PARAGRAPH_BLOCKS = frozenset(
+    {
+        "address",
+        "article",
+        "blockquote",
+        "body",
+        "center",
+        "details",
+        "div",
+        "dl",
+        "fieldset",
+        "figure",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "header",
+        "hgroup",
+        "hr",
+        "main",
+        "ol",
+        "p",
+        "pre",
+        "section",
+        "table",
+        "ul",
+    }
+)
+_LINE_BLOCKS = frozenset(
+    {"br", "caption", "dd", "dt", "figcaption", "li", "option", "summary", "tbody", "tr"}
+)
+_CELLS = frozenset({"td", "th"})
+_PERMALINK_MARKS = frozenset({"¶", "#", "§", "🔗"})
+_SPACE = re.compile(r"\s+")
+_CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])")
+
+
+def _words(value: str) -> set[str]:
+    out: set[str] = set()
+    for token in value.split():
+        for part in re.split(r"[-_:.]+", _CAMEL.sub("-", token)):
+            if part:
+                out.add(part.lower())
+    return out
+
+
+def _is_boilerplate_name(node: LexborNode) -> bool:
+    attrs = node.attributes
+    names = f"{attrs.get('id') or ''} {attrs.get('class') or ''}"
+    return bool(_words(names) & _BOILERPLATE_WORDS)
+
+
+def _has_ancestor(node: LexborNode, tags: frozenset[str], root: LexborNode) -> bool:
+    """Whether an ancestor of ``node``, up to and including ``root``, has one of ``tags``."""
+    parent = node.parent
+    while parent is not None:
+        if parent.tag in tags:
+            return True
+        if parent.mem_id == root.mem_id:
+            return False
+        parent = parent.parent
+    return False
+
+
+def _text_len(node: LexborNode) -> int:
+    return len(_SPACE.sub("", node.text(deep=True)))
+
+
+def _link_density(node: LexborNode, total: int) -> float:
+    if total == 0:
+        return 1.0
+    return sum(_text_len(a) for a in node.css("a")) / total
+
+
+def _choose_root(tree: LexborHTMLParser) -> LexborNode | None:
+    """``<main>``, else ``[role=main]``, else the only ``<article>``, else ``<body>``."""
+    for selector in ("main", '[role="main"]'):
+        node = tree.css_first(selector)
+        if node is not None and _text_len(node) > 0:
+            return node
+    articles = tree.css("article")
+    if len(articles) == 1 and _text_len(articles[0]) > 0:
+        return articles[0]
+    return tree.body or tree.root
+
+
+def _decompose_outermost(nodes: list[LexborNode]) -> None:
+    """Remove ``nodes`` from the tree, each subtree once.
+
+    Decomposing a node frees its descendants; touching one of them afterwards (a ``<nav>``
+    inside a removed ``<footer>``) would use freed memory, so nested matches are skipped.
+    """
+    ids = {n.mem_id for n in nodes}
+    outermost = []
+    for node in nodes:
+        parent = node.parent
+        while parent is not None and parent.mem_id not in ids:
+            parent = parent.parent
+        if parent is None:
+            outermost.append(node)
+    for node in outermost:
+        node.decompose()
+
+
+def _strip_boilerplate(root: LexborNode) -> None:
+    """Remove boilerplate under ``root`` (never ``root`` itself).
+
+    By tag and ARIA role unconditionally, except a ``<header>`` inside an article/section
+    (that is the article's own heading). By id/class word only when the element is not
+    most of the remaining text in running prose: a wrapper such as
+    ``<div class="content has-sidebar">`` holding the article must survive, while a big
+    menu (mostly link text) still goes. Permalink markers (``<a>¶</a>`` after Sphinx
+    headings) go too: they would end every heading line with a stray symbol.
+    """
+    doomed = list(root.css(_DROP_SELECTOR))
+    doomed += [h for h in root.css("header") if not _has_ancestor(h, _SECTIONING, root)]
+    doomed += [a for a in root.css("a") if a.text(deep=True).strip() in _PERMALINK_MARKS]
+    _decompose_outermost(doomed)
+    total = _text_len(root)
+    named = []
+    for node in root.css("[id], [class]"):
+        if not _is_boilerplate_name(node):
+            continue
+        own = _text_len(node)
+        if total and own > total * 0.5 and _link_density(node, own) < 0.5:
+            continue
+        named.append(node)
+    _decompose_outermost(named)
+
+
+class _Writer:
+    """Accumulates inline text; blocks ask for line or paragraph breaks between texts."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.pending_breaks = 0
+        self.pending_space = False
+        self.started = False
+
+    def brk(self, newlines: int) -> None:
+        if self.started:
+            self.pending_breaks = max(self.pending_breaks, newlines)
+
+    def _sep(self) -> None:
+        if self.pending_breaks:
+            self.parts.append("\n" * self.pending_breaks)
+        elif self.pending_space and self.started:
+            self.parts.append(" ")
+        self.pending_breaks = 0
+        self.pending_space = False
+        self.started = True
+
+    def inline(self, raw: str) -> None:
+        text = _SPACE.sub(" ", raw)
+        core = text.strip(" ")
+        if not core:
+            if text:
+                self.pending_space = True
+            return
+        if text.startswith(" "):
+            self.pending_space = True
+        self._sep()
+        self.parts.append(core)
+        self.pending_space = text.endswith(" ")
+
+    def preformatted(self, raw: str) -> None:
+        lines = [line.rstrip() for line in raw.replace("\r\n", "\n").split("\n")]
+        text = "\n".join(lines).strip("\n")
+        if text:
+            self._sep()
+            self.parts.append(text)
+
+    def text(self) -> str:
+        return "".join(self.parts).strip()
+
+
+def _render(root: LexborNode) -> str:
+    """The visible text of ``root`` with its block structure (iterative: deep DOMs are fine)."""
+    out = _Writer()
+    pre_depth = 0
+    stack: list[tuple[LexborNode, bool]] = [(root, True)]
+    while stack:
+        node, entering = stack.pop()
+        tag = node.tag
+        if not entering:
+            if tag == "pre":
+                pre_depth -= 1
+            if tag in _PARAGRAPH_BLOCKS:
+                out.brk(2)
+            elif tag in _LINE_BLOCKS:
+                out.brk(1)
+            continue
+        if tag == "-text":
+            raw = node.text(deep=False)
+            if pre_depth:
+                out.preformatted(raw)
+            else:
+                out.inline(raw)
+            continue
+        if tag is None or tag.startswith("-"):  # comments, doctype
+            continue
+        if tag in _PARAGRAPH_BLOCKS:
+            out.brk(2)
+        elif tag in _LINE_BLOCKS:
+            out.brk(1)
+        elif tag in _CELLS:
+            out.inline(" ")
+        if tag == "pre":
+            pre_depth += 1
+        stack.append((node, False))
+        children = list(node.iter(include_text=True))
+        stack.extend((child, True) for child in reversed(children))
+    return out.text()
+
+
+def _clean_title(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    title = _SPACE.sub(" ", raw).strip()
+    return title or None
+
+
+def _extract_html(html: str) -> Extracted:
+    tree = LexborHTMLParser(html)
+    title_node = tree.css_first("head > title") or tree.css_first("title")
+    title = _clean_title(title_node.text(deep=True)) if title_node is not None else None
+    first_h1 = tree.css_first("h1")
+    doc_h1 = _clean_title(first_h1.text(deep=True)) if first_h1 is not None else None
+    root = _choose_root(tree)
+    if root is None:
+        return Extracted(text="", title=title or doc_h1, kind="html")
+    _strip_boilerplate(root)
+    if title is None:
+        h1 = root.css_first("h1")  # the content's own heading beats a logo <h1> in a banner
+        title = (_clean_title(h1.text(deep=True)) if h1 is not None else None) or doc_h1
+    return Extracted(text=_render(root), title=title, kind="html")
+
+
+# --- dispatch -----------------------------------------------------------------------------
+
+
+def _suffix(url: str) -> str:
+    try:
+        return PurePosixPath(urlsplit(url).path).suffix.lower()
+    except ValueError:
+        return ""
+
+
+def _looks_like_text(body: bytes) -> bool:
+    head = body[:8192]
+    if b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start >= len(head) - 3  # a multi-byte character cut at the edge
+    return True
+
+
+def _classify(mime: str, body: bytes, url: str) -> tuple[str, str]:
+    """``(kind, flavor)``: kind is ``html``/``text``; flavor is ``html``/``md``/``rst``/``plain``.
+
+    The declared type decides; the URL suffix only refines a text type (``text/plain`` for a
+    ``.md`` file is common) or stands in when the server sent no type at all.
+    """
+    suffix = _suffix(url)
+    if mime in HTML_TYPES:
+        return "html", "html"
+    if mime in MARKDOWN_TYPES:
+        return "text", "md"
+    if mime in RST_TYPES:
+        return "text", "rst"
+    if mime in PLAIN_TYPES:
+        if suffix in _MD_SUFFIXES:
+            return "text", "md"
+        return "text", "rst" if suffix in _RST_SUFFIXES else "plain"
+    if mime:
+        raise UnsupportedContent(f"unsupported content type {mime!r} for {url}")
+    if _SNIFF_HTML.match(body[:1024]) or suffix in _HTML_SUFFIXES:
+        return "html", "html"
+    if suffix in _MD_SUFFIXES:
+        return "text", "md"
+    if suffix in _RST_SUFFIXES:
+        return "text", "rst"
+    if _looks_like_text(body):
+        return "text", "plain"
+    raise UnsupportedContent(f"unsupported content type (none given, binary body) for {url}")
+
+
+def extract_text(body: bytes, content_type: str | None, url: str) -> Extracted:
+    """The indexable text of a fetched body, with its title.
+
+    HTML: the main content only (``<main>``/``[role=main]``/the one ``<article>``, else
+    ``<body>``) without navigation, headers, footers, sidebars, scripts or forms, as
+    newline-separated blocks with collapsed whitespace; title from ``<title>``, else the
+    first ``<h1>``. Plain text, Markdown and reStructuredText: the text with normalised
+    newlines; title from the first heading (``# `` in Markdown, an underlined line in
+    reStructuredText), else the first non-empty line.
+
+    Raises ``UnsupportedContent`` (a ``ValueError``) for types that are not text, naming
+    the type, so the caller can dead-letter the URL with a reason.
+    """
+    mime, params = _parse_content_type(content_type)
+    kind, flavor = _classify(mime, body, url)
+    text = _decode(body, params.get("charset"), is_html=kind == "html")
+    if kind == "html":
+        return _extract_html(text)
+    text = normalize_text(text)
+    return Extracted(text=text, title=_text_title(text, flavor), kind="text")
