@@ -20,7 +20,7 @@ from agents.common import dead_letter, delivered, fatal
 from agents.fetcher import Fetcher, FetchFailed
 from streams.app import dlq_topic, topic
 from streams.chunking import Chunker
-from streams.documents import page_chunks, trim
+from streams.documents import DocState, page_chunks, plan_update, trim
 from streams.embedder import resolve_model_path
 from streams.extract import UnsupportedContent
 from streams.ids import normalize_url
@@ -36,6 +36,13 @@ def register(app: faust.App, settings: Settings) -> None:
     urls = topic(app, settings, URLS)
     chunks = topic(app, settings, CHUNKS)
     dlq = dlq_topic(app, settings, URLS)
+    # url -> DocState: validators and chunk hashes, so an unchanged page is not re-embedded.
+    # Changelog-backed (compacted topic), co-partitioned with urls (same key, same count).
+    docs = app.Table(
+        "docs",
+        default=None,
+        partitions=settings.url_partitions,
+    )
 
     @app.agent(urls, name="fetch")
     async def fetch(stream: faust.StreamT) -> None:
@@ -68,20 +75,33 @@ def register(app: faust.App, settings: Settings) -> None:
                 await delivered([await dead_letter(dlq, STAGE, event, cls, str(exc))])
                 return
             sent: list[Awaitable] = []
+            prev = None if req.force else DocState.from_json(docs.get(url))
+            state: DocState | None = prev
             try:
                 if req.delete:
-                    out = [trim(url, 0)]
+                    out, state = [trim(url, 0)], None
                 else:
-                    page = await fetcher.fetch(url)
-                    if page.gone:
+                    page = await fetcher.fetch(
+                        url,
+                        etag=prev.etag if prev else None,
+                        last_modified=prev.last_modified if prev else None,
+                    )
+                    if page.not_modified:
+                        out = []
+                    elif page.gone:
                         log.info("gone (HTTP %d): %s", page.status, url)
-                        out = [trim(url, 0)]
+                        out, state = [trim(url, 0)], None
                     else:
-                        out = await asyncio.to_thread(
+                        new = await asyncio.to_thread(
                             page_chunks, url, page.body, page.content_type, chunker
                         )
-                        if not out:
-                            out = [trim(url, 0)]
+                        out = plan_update(url, new, prev, req.force)
+                        state = DocState(
+                            doc_hash=new[0].doc_hash if new else "",
+                            hashes=tuple(c.text_hash or "" for c in new),
+                            etag=page.etag,
+                            last_modified=page.last_modified,
+                        )
             except FetchFailed as exc:
                 sent.append(
                     await dead_letter(
@@ -97,6 +117,18 @@ def register(app: faust.App, settings: Settings) -> None:
             for c in out:
                 sent.append(await chunks.send(key=c.key(), value=encode_chunk(c)))
             await delivered(sent)
+            # Remember the page only once its chunks are on the broker: a crash before this
+            # line re-fetches and re-sends (harmless: same ids), never skips.
+            if state != prev or (state is None and url in docs):
+                await remember(event, url, state)
+
+        async def remember(event: EventT, url: str, state: DocState | None) -> None:
+            value = state.to_json() if state is not None else None
+            if value is None:
+                docs.data.pop(url, None)
+            else:
+                docs.data[url] = value
+            await docs.send_changelog(event.message.partition, url, value)
 
         async def acker() -> None:
             while True:

@@ -86,6 +86,21 @@ def subset(files: list[Path], n: int) -> list[Path]:
     return [files[int(i * step)] for i in range(n)]
 
 
+def _fresh(
+    if_none_match: str | None, if_modified_since: str | None, etag: str, mtime: float
+) -> bool:
+    """RFC 9110: If-None-Match decides when present; else If-Modified-Since."""
+    if if_none_match is not None:
+        return etag in [t.strip() for t in if_none_match.split(",")] or if_none_match == "*"
+    if if_modified_since:
+        try:
+            since = email.utils.parsedate_to_datetime(if_modified_since).timestamp()
+        except (TypeError, ValueError):
+            return False
+        return int(mtime) <= since
+    return False
+
+
 class CorpusServer:
     """Serves ``root`` over HTTP on 127.0.0.1 with ``latency_s`` per request, in a thread."""
 
@@ -100,6 +115,7 @@ class CorpusServer:
         self.latency_s = latency_s
         self.hook = hook
         self.requests = 0
+        self.not_modified = 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -121,7 +137,13 @@ class CorpusServer:
                 body = path.read_bytes()
                 etag = '"' + hashlib.blake2b(body, digest_size=8).hexdigest() + '"'
                 mtime = email.utils.formatdate(path.stat().st_mtime, usegmt=True)
-                if self.headers.get("If-None-Match") == etag:
+                if _fresh(
+                    self.headers.get("If-None-Match"),
+                    self.headers.get("If-Modified-Since"),
+                    etag,
+                    path.stat().st_mtime,
+                ):
+                    server.not_modified += 1
                     self._send(304, b"", None, {"ETag": etag, "Last-Modified": mtime})
                     return
                 ctype = (

@@ -3,6 +3,8 @@ without Kafka (tests, the benchmark's naive and bare runs) and agrees with the p
 
 from __future__ import annotations
 
+import dataclasses
+
 from streams.chunking import Chunker
 from streams.extract import extract_text
 from streams.ids import doc_id, text_hash
@@ -46,3 +48,53 @@ def page_chunks(
 def trim(url: str, count: int) -> Chunk:
     """A document-level message: drop this page's chunks from ``count`` on (0 = all)."""
     return Chunk(op="delete", doc_id=doc_id(url), url=url, chunk_count=count)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DocState:
+    """What the fetch stage remembers of a page: HTTP validators and its chunks' hashes."""
+
+    doc_hash: str
+    hashes: tuple[str, ...]
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self) | {"hashes": list(self.hashes)}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, object] | None) -> DocState | None:
+        if not obj:
+            return None
+        return cls(
+            doc_hash=str(obj["doc_hash"]),
+            hashes=tuple(obj["hashes"]),  # type: ignore[arg-type]
+            etag=obj.get("etag"),  # type: ignore[arg-type]
+            last_modified=obj.get("last_modified"),  # type: ignore[arg-type]
+        )
+
+
+def plan_update(url: str, new: list[Chunk], prev: DocState | None, force: bool) -> list[Chunk]:
+    """The messages that bring the index from ``prev`` to ``new``, re-embedding only what
+    changed.
+
+    Chunks whose text is unchanged at their index are not sent (their vectors stay); every
+    sent chunk carries the new ``chunk_count``, so the writer trims a page that shrank; a
+    page that shrank without any changed chunk gets a trim of its own; an empty page loses
+    all its chunks. Because chunks are overwritten in place, a page is never left with
+    neither its old nor its new chunks.
+    """
+    if not new:
+        return [trim(url, 0)]
+    if prev is None or force:
+        return list(new)
+    changed = [
+        c
+        for c in new
+        if c.chunk_index is None
+        or c.chunk_index >= len(prev.hashes)
+        or prev.hashes[c.chunk_index] != c.text_hash
+    ]
+    if not changed and len(new) < len(prev.hashes):
+        return [trim(url, len(new))]
+    return changed

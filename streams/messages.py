@@ -19,6 +19,8 @@ import numpy as np
 import orjson
 from jsonschema import Draft202012Validator
 
+from streams.ids import normalize_url
+
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 VERSION = 1
 
@@ -79,7 +81,12 @@ class UrlRequest:
     metadata: dict[str, Any] | None = None
 
     def key(self) -> bytes:
-        return self.url.encode()
+        """The normalised URL: every producer puts one page on one partition, where the
+        fetch stage keeps that page's state."""
+        try:
+            return normalize_url(self.url).encode()
+        except ValueError:
+            return self.url.encode()
 
 
 def encode_url(req: UrlRequest) -> bytes:

@@ -95,6 +95,35 @@ class Settings(BaseSettings):
     window_rows: int = Field(default=2000, description="Most rows per window (one upsert).")
     write_backoff_max_s: float = Field(default=30.0, description="Cap of write retry delay.")
 
+    # --- webhooks ----------------------------------------------------------------------
+    webhook_secret: str = Field(
+        default="",
+        description="HMAC-SHA256 secret of POST /v1/urls; empty = `ragstream webhooks` refuses "
+        "to start unless --insecure-no-signature.",
+    )
+    github_secret: str = Field(
+        default="",
+        description="Secret of the GitHub webhook (POST /v1/github); empty = as webhook_secret.",
+    )
+    github_globs: str = Field(
+        default="**/*", description="Comma-separated path globs of repository files to ingest."
+    )
+    github_branches: str = Field(
+        default="main,master", description="Comma-separated branches whose pushes are ingested."
+    )
+    github_raw_base: str = Field(
+        default="https://raw.githubusercontent.com",
+        description="Base of the raw-content URLs published for GitHub files.",
+    )
+    webhook_max_bytes: int = Field(
+        default=1024 * 1024, ge=1, description="Largest request body a webhook accepts (413)."
+    )
+    webhook_timeout_s: float = Field(
+        default=8.0,
+        gt=0,
+        description="Longest wait for Kafka to acknowledge a request's messages (else 503).",
+    )
+
     @property
     def milvus_target(self) -> str:
         """The URI pymilvus gets: the configured one, or the embedded Lite file under home."""

@@ -8,12 +8,18 @@ one embed worker per partition is the design.
 from __future__ import annotations
 
 import contextlib
+import asyncio
 import dataclasses
 import logging
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import (
+    CoordinatorLoadInProgressError,
+    GroupCoordinatorNotAvailableError,
+    NotCoordinatorError,
+    TopicAlreadyExistsError,
+)
 
 from streams.settings import Settings
 
@@ -95,7 +101,7 @@ async def stage_lags(settings: Settings) -> list[StageLag]:
                 await consumer._client.force_metadata_update()  # noqa: SLF001
                 parts = consumer.partitions_for_topic(topic) or set()
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
-            offsets = await client.list_consumer_group_offsets(settings.group(stage))
+            offsets = await _group_offsets(client, settings.group(stage))
             committed = sum(
                 meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0
             )
@@ -105,6 +111,23 @@ async def stage_lags(settings: Settings) -> list[StageLag]:
     finally:
         await consumer.stop()
         await client.close()
+
+
+async def _group_offsets(client: AIOKafkaAdminClient, group: str) -> dict:
+    """A group's committed offsets; waits out a coordinator that is still loading (a
+    fresh broker creates ``__consumer_offsets`` on first use)."""
+    for attempt in range(60):
+        try:
+            return await client.list_consumer_group_offsets(group)
+        except (
+            GroupCoordinatorNotAvailableError,
+            CoordinatorLoadInProgressError,
+            NotCoordinatorError,
+        ):
+            if attempt == 59:
+                raise
+            await asyncio.sleep(0.5)
+    return {}
 
 
 async def topic_end_offsets(settings: Settings, topics: list[str]) -> dict[str, int]:

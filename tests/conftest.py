@@ -8,7 +8,12 @@ so tests share the broker without seeing each other's messages.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,3 +76,66 @@ def chunker():
 
     s = Settings(model=MINILM)
     return Chunker.from_model(resolve_model_path(s.model), s.chunk_tokens, s.chunk_overlap)
+
+
+class MilvusServer:
+    """``milvus-lite server`` in a child process: lets a test read Milvus while a worker
+    writes (Lite allows one process per file), and stop Milvus to test an outage."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from ragstream.kafka_local import free_port
+
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        exe = Path(sys.executable).with_name("milvus-lite")
+        log = open(self.data_dir.with_suffix(".log"), "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                str(exe),
+                "server",
+                "--data-dir",
+                str(self.data_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+            ):
+                return
+            assert self.proc.poll() is None, "milvus-lite server exited"
+            time.sleep(0.2)
+        raise AssertionError("milvus-lite server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def milvus_server(tmp_path: Path) -> Iterator[MilvusServer]:
+    server = MilvusServer(tmp_path / "milvus-data")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
