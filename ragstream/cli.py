@@ -20,6 +20,9 @@ COMMANDS = [
     "ragstream.cmd_search",
     "ragstream.cmd_demo",
     "ragstream.cmd_status",
+    "ragstream.cmd_webhooks",
+    "ragstream.cmd_replay",
+    "ragstream.cmd_dlq",
 ]
 
 

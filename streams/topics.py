@@ -7,8 +7,8 @@ one embed worker per partition is the design.
 
 from __future__ import annotations
 
-import contextlib
 import asyncio
+import contextlib
 import dataclasses
 import logging
 
@@ -57,7 +57,13 @@ async def ensure_topics(settings: Settings) -> None:
     try:
         existing = set(await client.list_topics())
         new = [
-            NewTopic(name, num_partitions=n, replication_factor=1)
+            NewTopic(
+                name,
+                num_partitions=n,
+                replication_factor=1,
+                # Dead letters are kept until someone deals with them: nothing lost silently.
+                topic_configs={"retention.ms": "-1"} if name.endswith(".dlq") else {},
+            )
             for name, n in topic_specs(settings).items()
             if name not in existing
         ]

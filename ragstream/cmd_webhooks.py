@@ -1,0 +1,58 @@
+"""``ragstream webhooks``: the HTTP server that turns signed webhooks into ``urls`` messages.
+
+A process of its own rather than routes on a stage's web server: it scales and restarts
+independently of the stages and needs no model (docs/webhooks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from ragstream.errors import RagstreamError
+from ragstream.webhooks import create_app
+from streams.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "webhooks",
+        help="serve POST /v1/urls and /v1/github: signed webhooks onto the urls topic",
+        description="Serve the webhook routes (POST /v1/urls, POST /v1/github, GET /healthz, "
+        "GET /readyz); a request is answered 202 once Kafka acknowledged its messages. "
+        "Secrets: RAGSTREAM_WEBHOOK_SECRET, RAGSTREAM_GITHUB_SECRET.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=8088, help="port to listen on (default %(default)s)")
+    p.add_argument(
+        "--insecure-no-signature",
+        action="store_true",
+        help="accept unsigned requests on routes whose secret is empty (local testing only)",
+    )
+    p.set_defaults(func=cmd_webhooks)
+
+
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    app = create_app(settings, insecure_no_signature=args.insecure_no_signature)
+    if args.insecure_no_signature and not settings.webhook_secret:
+        log.warning("accepting UNSIGNED requests on /v1/urls (--insecure-no-signature)")
+    try:
+        web.run_app(
+            app,
+            host=args.host,
+            port=args.port,
+            # Let requests in flight get their acks before the producer stops.
+            shutdown_timeout=settings.webhook_timeout_s + 2,
+            print=lambda msg: log.info(
+                "%s (Kafka %s)", msg.splitlines()[0].strip("= "), settings.broker
+            ),
+        )
+    except OSError as exc:
+        raise RagstreamError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    return 0
