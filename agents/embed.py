@@ -64,9 +64,15 @@ def register(app: faust.App, settings: Settings) -> None:
             if todo:
                 texts = [decoded[i].text or "" for i in todo]  # type: ignore[union-attr]
                 lengths = await asyncio.to_thread(embedder.token_lengths, texts)
+                for b, n in enumerate(lengths):
+                    if n <= embedder.n_special:  # e.g. only zero-width or control characters
+                        results[todo[b]] = ValueError("text has no token the model can read")
                 for batch in plan_batches(
                     lengths, settings.embed_batch_tokens, settings.embed_max_batch
                 ):
+                    batch = [b for b in batch if todo[b] not in results]
+                    if not batch:
+                        continue
                     idx = [todo[b] for b in batch]
                     results.update(await encode_batch(embedder, [decoded[i] for i in idx], idx))
                     stats.tokens += sum(lengths[b] for b in batch)

@@ -1,32 +1,108 @@
-"""``ragstream publish``: URLs from arguments, a file, or stdin, onto the ``urls`` topic."""
+"""``ragstream publish``: URLs from arguments, files, stdin or sitemaps, onto ``urls``.
+
+With ``--wait`` it then follows the published URLs through every stage (from the stages'
+committed offsets, so it works with workers anywhere) until each one is searchable or
+dead-lettered, and prints a summary with the failures by reason, read back from the
+dead-letter topics.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import dataclasses
+import logging
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from ragstream.errors import RagstreamError
+from ragstream.progress import Snapshot, snapshot_raw, wait_indexed
 from ragstream.publisher import publish
+from ragstream.sitemaps import MAX_DEPTH, is_sitemap_ref, read_sitemaps
 from streams.ids import normalize_url
-from streams.messages import UrlRequest
-from streams.settings import get_settings
+from streams.messages import DecodeError, UrlRequest, decode_dead_letter
+from streams.settings import Settings, get_settings
+from streams.topics import CHUNKS, URLS, VECTORS, dlq, ensure_topics
+
+#: Above this many URLs, publishing shows a progress bar.
+HANDFUL = 10
+#: Exit status when --wait gave up before every URL was through (2 is a usage error).
+EXIT_TIMEOUT = 3
+
+EPILOG = """\
+examples:
+  ragstream publish https://docs.python.org/3/tutorial/index.html
+  ragstream publish --file urls.txt
+  ragstream publish --sitemap https://example.org/sitemap.xml --wait --timeout 1800
+  ragstream publish https://example.org/sitemap_index.xml        # *.xml(.gz): a sitemap
+
+exit status: 0 all done; 1 some URLs were skipped, unreadable or dead-lettered;
+2 usage error; 3 --wait timed out.
+"""
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "publish",
-        help="publish URLs to ingest (arguments, --file, or - for stdin)",
-        description="Publish URLs to the urls topic and wait until the broker acknowledged them.",
+        help="publish URLs to ingest (arguments, --file, - for stdin, --sitemap)",
+        description="Publish URLs to the urls topic and wait until the broker acknowledged "
+        "them; with --wait, until they are searchable.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("urls", nargs="*", help="URLs; '-' reads one URL per line from stdin")
+    p.add_argument(
+        "urls",
+        nargs="*",
+        help="URLs; '-' reads one URL per line from stdin; one ending in .xml or .xml.gz is "
+        "read as a sitemap",
+    )
     p.add_argument("--file", "-f", action="append", default=[], help="file with one URL a line")
+    p.add_argument(
+        "--sitemap",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a sitemap or sitemap index (repeatable; gzip too; a local file works)",
+    )
+    p.add_argument(
+        "--sitemap-depth",
+        type=int,
+        default=MAX_DEPTH,
+        metavar="N",
+        help=f"follow sitemap indexes this many levels deep ({MAX_DEPTH})",
+    )
     p.add_argument("--source", default="cli", help="recorded as the request's source")
     p.add_argument("--force", action="store_true", help="re-embed even if unchanged")
     p.add_argument("--delete", action="store_true", help="remove these pages from the index")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the URLs until each is searchable or dead-lettered, then summarise",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="with --wait: give up after S seconds (exit status 3)",
+    )
     p.set_defaults(func=cmd_publish)
+
+
+def split_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Positional arguments that are plain URLs (or '-'), and the sitemaps: every
+    ``--sitemap`` plus arguments whose path ends in ``.xml`` / ``.xml.gz``."""
+    plain = [u for u in args.urls if u == "-" or not is_sitemap_ref(u)]
+    maps = list(args.sitemap) + [u for u in args.urls if u != "-" and is_sitemap_ref(u)]
+    return plain, maps
 
 
 def read_urls(args: argparse.Namespace) -> Iterator[str]:
@@ -60,18 +136,214 @@ def parse_urls(lines: Iterator[str]) -> tuple[list[str], list[str]]:
     return list(good), bad
 
 
-def cmd_publish(args: argparse.Namespace) -> int:
-    settings = get_settings()
-    urls, bad = parse_urls(read_urls(args))
-    for line in bad:
-        print(f"skipped (not an http(s) URL): {line}", file=sys.stderr)
-    if not urls:
-        raise RagstreamError("no URLs to publish (give URLs, --file FILE, or - for stdin)")
+# --- following and summarising -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failures:
+    """Dead letters about the published URLs, by (stage, error_class), with one example."""
+
+    counts: dict[tuple[str, str], int]
+    examples: dict[tuple[str, str], str]
+    other: int  # dead letters in the same span about other URLs (another publisher's)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def failed_urls(self, stage: str) -> int:
+        return sum(n for (s, _), n in self.counts.items() if s == stage)
+
+
+async def dlq_positions(settings: Settings) -> dict[TopicPartition, int]:
+    """End offsets of every dead-letter partition: the baseline to read failures from."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()  # noqa: SLF001
+        tps = [
+            TopicPartition(name, p)
+            for name in (settings.topic(dlq(t)) for t in (URLS, CHUNKS, VECTORS))
+            for p in sorted(consumer.partitions_for_topic(name) or ())
+        ]
+        return dict(await consumer.end_offsets(tps)) if tps else {}
+    finally:
+        await consumer.stop()
+
+
+async def failures_since(
+    settings: Settings, since: dict[TopicPartition, int], urls: set[str]
+) -> Failures:
+    """Read the dead letters written after ``since`` and count those about ``urls``
+    (normalised). Reads without a consumer group, up to the end offsets of now."""
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+    examples: dict[tuple[str, str], str] = {}
+    other = 0
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets(list(since)) if since else {}
+        todo = {tp: end for tp, end in ends.items() if end > since[tp]}
+        if todo:
+            consumer.assign(list(todo))
+            for tp in todo:
+                consumer.seek(tp, since[tp])
+        deadline = time.monotonic() + 60
+        while todo and time.monotonic() < deadline:
+            batch = await consumer.getmany(*todo, timeout_ms=1000)
+            for tp, records in batch.items():
+                for rec in records:
+                    if rec.offset >= todo.get(tp, -1):
+                        continue
+                    try:
+                        letter = decode_dead_letter(rec.value)
+                    except DecodeError:
+                        other += 1
+                        continue
+                    if letter.url is None or _norm(letter.url) not in urls:
+                        other += 1
+                        continue
+                    key = (letter.stage, letter.error_class)
+                    counts[key] += 1
+                    text = letter.error
+                    examples.setdefault(
+                        key, text if letter.url in text else f"{letter.url}: {text}"
+                    )
+            for tp in list(todo):
+                if await consumer.position(tp) >= todo[tp]:
+                    del todo[tp]
+    finally:
+        await consumer.stop()
+    return Failures(dict(counts), examples, other)
+
+
+def _norm(url: str) -> str:
+    try:
+        return normalize_url(url)
+    except ValueError:
+        return url
+
+
+def summary_lines(
+    n_urls: int, snap: Snapshot, failures: Failures, elapsed_s: float, timed_out: bool
+) -> list[str]:
+    """The summary printed after ``--wait``: counts since the baseline, failures by reason."""
+    failed = failures.failed_urls("fetch")
+    head = "TIMED OUT" if timed_out else "done"
+    lines = [
+        f"summary ({head} after {elapsed_s:.1f}s): {n_urls} URLs",
+        f"  pages fetched:   {max(snap.fetched - failed, 0)}",
+        f"  failed:          {failed}",
+        f"  chunks:          {snap.chunks}",
+        f"  vectors written: {snap.written}",
+    ]
+    if timed_out:
+        lines.append(
+            f"  still in flight: {max(snap.urls - snap.fetched, 0)} URLs, "
+            f"{max(snap.chunks - snap.embedded, 0)} chunks, "
+            f"{max(snap.vectors - snap.written, 0)} vectors"
+        )
+    if failures.counts:
+        lines.append("failures by reason:")
+        for (stage, cls), n in sorted(failures.counts.items()):
+            lines.append(f"  {stage} {cls}: {n}  (e.g. {failures.examples[(stage, cls)]})")
+    else:
+        lines.append("failures by reason: none")
+    if failures.other:
+        lines.append(f"  ({failures.other} other dead letters meanwhile, not about these URLs)")
+    return lines
+
+
+def _bars(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+async def run(
+    settings: Settings, urls: list[str], args: argparse.Namespace, console: Console
+) -> int:
+    """Publish (and with ``--wait`` follow) ``urls``; returns the exit status part."""
     reqs = (
         UrlRequest(url=u, source=args.source, force=args.force, delete=args.delete) for u in urls
     )
-    n = asyncio.run(publish(settings, reqs))
+    base: dict[str, int] = {}
+    dlq_base: dict[TopicPartition, int] = {}
+    if args.wait:
+        await ensure_topics(settings)
+        base = await snapshot_raw(settings)
+        dlq_base = await dlq_positions(settings)
+    t0 = time.monotonic()
+    if len(urls) > HANDFUL:
+        with _bars(console) as bar:
+            task = bar.add_task("published       ", total=len(urls))
+            n = await publish(settings, reqs, lambda k: bar.update(task, completed=k))
+    else:
+        n = await publish(settings, reqs)
     print(
         f"published {n} URL{'s' if n != 1 else ''} to {settings.topic('urls')} on {settings.broker}"
     )
-    return 1 if bad else 0
+    if not args.wait:
+        return 0
+    last: list[Snapshot] = []
+    timed_out = False
+    with _bars(console) as bar:
+        pages = bar.add_task("pages fetched   ", total=n)
+        embedded = bar.add_task("chunks embedded ", total=None)
+        written = bar.add_task("vectors written ", total=None)
+
+        def update(s: Snapshot) -> None:
+            last[:] = [s]
+            bar.update(pages, completed=min(s.fetched, n))
+            bar.update(embedded, completed=s.embedded, total=s.chunks or None)
+            bar.update(written, completed=s.written, total=s.vectors or None)
+
+        try:
+            snap = await wait_indexed(settings, base, n, update, timeout_s=args.timeout)
+        except TimeoutError:
+            timed_out = True
+            snap = last[0]
+    failures = await failures_since(settings, dlq_base, {_norm(u) for u in urls})
+    for line in summary_lines(n, snap, failures, time.monotonic() - t0, timed_out):
+        print(line)
+    if timed_out:
+        return EXIT_TIMEOUT
+    return 1 if failures.total else 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    console = Console(stderr=True)
+    args.urls, sitemaps = split_args(args)
+    lines = list(read_urls(args))
+    status = 0
+    if sitemaps:
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per sitemap
+        crawl = asyncio.run(read_sitemaps(sitemaps, max_depth=args.sitemap_depth))
+        for error in crawl.errors:
+            print(f"sitemap skipped: {error}", file=sys.stderr)
+        print(
+            f"read {len(crawl.sitemaps)} sitemap{'s' if len(crawl.sitemaps) != 1 else ''}: "
+            f"{len(crawl.urls)} URLs",
+            file=sys.stderr,
+        )
+        lines.extend(crawl.urls)
+        status = 1 if crawl.errors else 0
+    urls, bad = parse_urls(iter(lines))
+    for line in bad:
+        print(f"skipped (not an http(s) URL): {line}", file=sys.stderr)
+    if not urls:
+        raise RagstreamError(
+            "no URLs to publish (give URLs, --file FILE, - for stdin, or --sitemap URL)"
+        )
+    if bad:
+        status = 1
+    try:
+        return max(asyncio.run(run(settings, urls, args, console)), status)
+    except (OSError, KafkaConnectionError) as exc:
+        raise RagstreamError(f"cannot reach Kafka at {settings.broker}: {exc}") from None

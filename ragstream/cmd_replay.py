@@ -13,6 +13,8 @@ import logging
 import sys
 from typing import Any
 
+from aiokafka.errors import KafkaConnectionError
+
 from ragstream.errors import RagstreamError
 from ragstream.replay import (
     Plan,
@@ -108,8 +110,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         plan = asyncio.run(read_plan(settings, args.stage, target, args.partition))
         info = asyncio.run(describe_group(settings, plan.group))
-    except (OSError, TimeoutError) as exc:
-        raise RagstreamError(f"cannot reach Kafka at {settings.broker}: {exc!r}") from None
+    except (OSError, TimeoutError, KafkaConnectionError) as exc:
+        raise RagstreamError(f"cannot reach Kafka at {settings.broker}: {exc}") from None
     for line in format_plan(plan):
         print(line)
     if args.dry_run:

@@ -282,8 +282,8 @@ async def _retrying(what: str, call: Callable[[], Awaitable[T]], attempts: int =
 
 async def describe_group(settings: Settings, group: str) -> GroupInfo:
     client = admin(settings)
-    await client.start()
     try:
+        await client.start()
         responses = await _retrying(
             f"describing group {group}", lambda: client.describe_consumer_groups([group])
         )
@@ -316,9 +316,9 @@ async def read_plan(
     group = settings.group(stage)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker, enable_auto_commit=False)
     client = admin(settings)
-    await consumer.start()
-    await client.start()
     try:
+        await consumer.start()
+        await client.start()
         await consumer._client.force_metadata_update()  # noqa: SLF001
         known = consumer.partitions_for_topic(topic)
         if not known:

@@ -109,6 +109,7 @@ class Embedder:
             )
         self.tokenizer = self._flag.tokenizer
         self.max_length = max_seq_length_of(self.path, self.tokenizer)
+        self.n_special = len(self.tokenizer("")["input_ids"])  # tokens every text costs
         model = self._flag.model
         if not on_gpu:
             model.float()
