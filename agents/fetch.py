@@ -17,6 +17,7 @@ import faust
 from faust.types import EventT
 
 from agents.common import dead_letter, delivered, fatal
+from agents.docstate import DocStates
 from agents.fetcher import Fetcher, FetchFailed
 from streams.app import dlq_topic, topic
 from streams.chunking import Chunker
@@ -26,7 +27,7 @@ from streams.extract import UnsupportedContent
 from streams.ids import normalize_url
 from streams.messages import DecodeError, decode_url, encode_chunk
 from streams.settings import Settings
-from streams.topics import CHUNKS, URLS
+from streams.topics import CHUNKS, URLS, state_topic
 
 log = logging.getLogger(__name__)
 STAGE = "fetch"
@@ -36,13 +37,14 @@ def register(app: faust.App, settings: Settings) -> None:
     urls = topic(app, settings, URLS)
     chunks = topic(app, settings, CHUNKS)
     dlq = dlq_topic(app, settings, URLS)
+    state_log = topic(app, settings, state_topic(URLS))
     # url -> DocState: validators and chunk hashes, so an unchanged page is not re-embedded.
-    # Changelog-backed (compacted topic), co-partitioned with urls (same key, same count).
-    docs = app.Table(
-        "docs",
-        default=None,
-        partitions=settings.url_partitions,
-    )
+    docs = DocStates(settings)
+    urls_name = settings.topic(URLS)
+
+    @app.on_partitions_assigned.connect
+    async def load_states(sender: object, assigned: set, **kwargs: object) -> None:
+        await docs.assign(tp.partition for tp in assigned if tp.topic == urls_name)
 
     @app.agent(urls, name="fetch")
     async def fetch(stream: faust.StreamT) -> None:
@@ -75,7 +77,8 @@ def register(app: faust.App, settings: Settings) -> None:
                 await delivered([await dead_letter(dlq, STAGE, event, cls, str(exc))])
                 return
             sent: list[Awaitable] = []
-            prev = None if req.force else DocState.from_json(docs.get(url))
+            await docs.ready()
+            prev = None if req.force else docs.get(url)
             state: DocState | None = prev
             try:
                 if req.delete:
@@ -117,18 +120,19 @@ def register(app: faust.App, settings: Settings) -> None:
             for c in out:
                 sent.append(await chunks.send(key=c.key(), value=encode_chunk(c)))
             await delivered(sent)
+            log.info("%s: %d chunk messages (offset %d)", url, len(out), event.message.offset)
             # Remember the page only once its chunks are on the broker: a crash before this
             # line re-fetches and re-sends (harmless: same ids), never skips.
-            if state != prev or (state is None and url in docs):
-                await remember(event, url, state)
-
-        async def remember(event: EventT, url: str, state: DocState | None) -> None:
-            value = state.to_json() if state is not None else None
-            if value is None:
-                docs.data.pop(url, None)
-            else:
-                docs.data[url] = value
-            await docs.send_changelog(event.message.partition, url, value)
+            if state != prev or (state is None and docs.get(url) is not None):
+                partition = event.message.partition
+                docs.record(partition, url, state)
+                await delivered(
+                    [
+                        await state_log.send(
+                            key=url.encode(), value=docs.encode(state), partition=partition
+                        )
+                    ]
+                )
 
         async def acker() -> None:
             while True:

@@ -139,9 +139,9 @@ class Settings(BaseSettings):
         for name in type(self).model_fields:
             value = getattr(self, name)
             if name == "milvus_uri":
-                env["MILVUS_URI"] = str(value)
+                env["RAGSTREAM_MILVUS_URI"] = str(value)
             elif name == "milvus_token":
-                env["MILVUS_TOKEN"] = str(value)
+                env["RAGSTREAM_MILVUS_TOKEN"] = str(value)
             elif isinstance(value, Path):
                 env[f"RAGSTREAM_{name.upper()}"] = str(value.resolve())
             else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -92,6 +93,15 @@ def row_of(vec: Vector, with_sparse: bool) -> dict[str, Any]:
     return row
 
 
+def _let_pymilvus_import() -> None:
+    """pymilvus parses ``MILVUS_URI`` when imported and refuses a Lite path there; ragstream
+    has already read it into Settings (where a Lite path is valid), so hide such a value
+    from pymilvus."""
+    uri = os.environ.get("MILVUS_URI", "")
+    if uri and not uri.startswith(("http://", "https://", "tcp://", "grpc://", "unix:")):
+        os.environ.pop("MILVUS_URI")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Hit:
     id: str
@@ -106,6 +116,7 @@ class MilvusStore:
     """A Milvus collection of chunks; created on the first window, with its dimension."""
 
     def __init__(self, settings: Settings) -> None:
+        _let_pymilvus_import()
         from pymilvus import MilvusClient  # noqa: PLC0415
 
         self.uri = settings.milvus_target

@@ -34,6 +34,11 @@ def dlq(topic: str) -> str:
     return f"{topic}.dlq"
 
 
+def state_topic(topic: str) -> str:
+    """Compacted per-key state of the stage consuming ``topic`` (co-partitioned with it)."""
+    return f"{topic}.state"
+
+
 def topic_specs(settings: Settings) -> dict[str, int]:
     """Every topic ragstream uses, with its partition count."""
     specs = {
@@ -43,7 +48,16 @@ def topic_specs(settings: Settings) -> dict[str, int]:
     }
     for name in (URLS, CHUNKS, VECTORS):
         specs[settings.topic(dlq(name))] = 1
+    specs[settings.topic(state_topic(URLS))] = settings.url_partitions
     return specs
+
+
+def topic_config(name: str) -> dict[str, str]:
+    if name.endswith(".dlq"):
+        return {"retention.ms": "-1"}  # dead letters are kept until dealt with
+    if name.endswith(".state"):
+        return {"cleanup.policy": "compact"}  # the latest state per key, forever
+    return {}
 
 
 def admin(settings: Settings) -> AIOKafkaAdminClient:
@@ -61,8 +75,7 @@ async def ensure_topics(settings: Settings) -> None:
                 name,
                 num_partitions=n,
                 replication_factor=1,
-                # Dead letters are kept until someone deals with them: nothing lost silently.
-                topic_configs={"retention.ms": "-1"} if name.endswith(".dlq") else {},
+                topic_configs=topic_config(name),
             )
             for name, n in topic_specs(settings).items()
             if name not in existing

@@ -1,0 +1,219 @@
+"""``python -m bench``: bare model, naive loop and pipeline on the same pages, one run.
+
+Order: the bare model first (it loads the model once), the naive loop (reusing it), then
+the pipeline in its own processes, after the bench's model is freed. The last line printed
+is one JSON object with every figure (null where not measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from bench.pipeline import PipelineOptions, run_pipeline, warmup_hook
+from bench.report import BenchResult, percentile, render
+from bench.runs import build_workload, naive_settings, run_bare, run_naive
+from ragstream.corpus import CorpusServer, corpus_files, ensure_django_docs, subset
+from ragstream.errors import RagstreamError
+from streams.chunking import Chunker
+from streams.embedder import resolve_model_path
+from streams.settings import MINILM, Settings
+
+#: Pages by default: about 200k tokens, a few minutes for all three runs on two CPU cores.
+DEFAULT_DOCS = 40
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Measure the pipeline against the bare model (efficiency) and the naive "
+        "fetch-chunk-embed-insert loop (speed-up) on the Django docs.",
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--docs",
+        type=int,
+        default=DEFAULT_DOCS,
+        help=f"pages, a fixed spread-out subset ({DEFAULT_DOCS})",
+    )
+    size.add_argument("--full", action="store_true", help="all 656 pages")
+    p.add_argument("--latency-ms", type=float, default=100.0, help="latency per HTTP request (100)")
+    p.add_argument("--skip-bare", action="store_true", help="do not time the bare model")
+    p.add_argument("--skip-naive", action="store_true", help="do not time the naive loop")
+    p.add_argument(
+        "--steady",
+        action="store_true",
+        help="then republish the pages at --rate and measure publish-to-searchable latency",
+    )
+    p.add_argument(
+        "--rate", type=float, default=None, help="steady pages/s (half the measured throughput)"
+    )
+    p.add_argument("--fetchers", type=int, default=1, help="fetch processes (1)")
+    p.add_argument("--chunk-partitions", type=int, default=1, help="partitions of chunks (1)")
+    p.add_argument(
+        "--embed-workers",
+        type=int,
+        default=1,
+        help="embed processes (1); more than 1 runs fetch, each embed and write separately",
+    )
+    p.add_argument("--json-only", action="store_true", help="print only the JSON line")
+    p.add_argument(
+        "--home", type=Path, default=None, help="bench state (default: $RAGSTREAM_HOME/bench)"
+    )
+    p.add_argument("--keep", action="store_true", help="keep the run's topics and Milvus files")
+    p.add_argument(
+        "--timeout", type=float, default=3600.0, help="longest wait for the pipeline (s)"
+    )
+    return p
+
+
+def bench_settings() -> Settings:
+    """The environment's settings, with MiniLM unless ``RAGSTREAM_MODEL`` names a model."""
+    settings = Settings()
+    if "model" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"model": MINILM})
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("fetchers", "chunk_partitions", "embed_workers"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    # SIGTERM unwinds like Ctrl-C: the workers and a broker we started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import pymilvus  # noqa: F401, PLC0415 - configures its loggers on import: quiet them after
+
+    for noisy in ("grpc._server", "pymilvus"):  # Milvus Lite's harmless complaints
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    err = Console(stderr=True, quiet=args.json_only, soft_wrap=True)
+    out = Console(quiet=args.json_only, width=None if sys.stdout.isatty() else 120)
+    try:
+        result = run(args, err)
+    except RagstreamError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    render(result, out)
+    print(json.dumps(result.to_json()), flush=True)
+    if not result.ok:
+        print("bench: WARNING: " + "; ".join(result.warnings), file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace, console: Console) -> BenchResult:
+    settings = bench_settings()
+    bench_home = (args.home or settings.home / "bench").resolve()
+    docs_root = ensure_django_docs(settings.cache_dir)
+    files = corpus_files(docs_root)
+    chosen = files if args.full else subset(files, args.docs)
+    chunker = Chunker.from_model(
+        resolve_model_path(settings.model), settings.chunk_tokens, settings.chunk_overlap
+    )
+    latency_s = args.latency_ms / 1000
+    with CorpusServer(docs_root, latency_s=latency_s, hook=warmup_hook) as server:
+        work = build_workload(chosen, server, chunker)
+        result = BenchResult(
+            docs=work.docs,
+            chunks=work.chunks,
+            tokens=work.tokens,
+            latency_ms=args.latency_ms,
+            model=settings.model,
+            fetchers=args.fetchers,
+            chunk_partitions=args.chunk_partitions,
+            embed_workers=args.embed_workers,
+        )
+        console.print(
+            f"[bold]workload:[/] {work.docs} pages, {work.chunks} chunks, {work.tokens:,} "
+            f"tokens; {args.latency_ms:g} ms per request; model {settings.model}"
+        )
+        if not (args.skip_bare and args.skip_naive):
+            in_process(args, settings, bench_home, chunker, work, result, console)
+            gc.collect()  # the pipeline's embed process should not compete with our model
+        opts = PipelineOptions(
+            fetchers=args.fetchers,
+            chunk_partitions=args.chunk_partitions,
+            embed_workers=args.embed_workers,
+            steady=args.steady,
+            rate=args.rate,
+            timeout_s=args.timeout,
+            keep=args.keep,
+        )
+        pipe = run_pipeline(settings, bench_home, server, chunker, work, opts, console)
+    result.pipeline_s = pipe.seconds
+    result.device = result.device or pipe.device
+    result.peak_rss_mb = pipe.peak_rss_mb
+    result.milvus_rows = pipe.milvus_rows
+    result.expected_rows = pipe.expected_rows
+    result.dead_letters = pipe.snapshot.dead
+    result.warnings += pipe.warnings
+    result.namespace, result.run_dir = pipe.namespace, pipe.run_dir
+    if pipe.busy_fraction is not None:
+        result.busy_fraction, result.busy_source = pipe.busy_fraction, "log"
+    elif result.efficiency is not None:
+        result.busy_fraction, result.busy_source = result.efficiency, "approx"
+    if pipe.latencies:
+        values = list(pipe.latencies.values())
+        result.p50_s = percentile(values, 50)
+        result.p99_s = percentile(values, 99)
+        result.steady_docs = len(values)
+        result.steady_rate = pipe.steady_rate
+    return result
+
+
+def in_process(
+    args: argparse.Namespace,
+    settings: Settings,
+    bench_home: Path,
+    chunker: Chunker,
+    work,  # noqa: ANN001 - bench.runs.Workload
+    result: BenchResult,
+    console: Console,
+) -> None:
+    """The bare and naive runs, sharing one model loaded here (and freed on return)."""
+    from streams.embedder import Embedder  # noqa: PLC0415 - torch only when needed
+
+    t0 = time.perf_counter()
+    embedder = Embedder(settings)
+    result.device = embedder.device
+    console.print(
+        f"model {settings.model} loaded on {embedder.device} in {time.perf_counter() - t0:.1f}s"
+    )
+    if not args.skip_bare:
+        result.bare_batching = run_bare(
+            embedder,
+            work,
+            settings,
+            on_done=lambda name, s: console.print(f"bare, {name}: {s:.2f}s"),
+        )
+        result.bare_s = min(result.bare_batching.values(), default=None)
+    if not args.skip_naive:
+        run_dir = bench_home / "naive" / time.strftime("%Y%m%d-%H%M%S")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        naive = naive_settings(settings, run_dir)
+        seconds, rows = run_naive(embedder, chunker, work, naive)
+        result.naive_s = seconds
+        console.print(f"naive: {work.docs} pages, {rows} rows in {seconds:.2f}s")
+        if rows != work.chunks:
+            result.warnings.append(f"naive wrote {rows} rows, expected {work.chunks}")
+        if not args.keep:
+            import shutil  # noqa: PLC0415
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+    del embedder
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The benchmark: its arithmetic, its bookkeeping, and one small run end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.latency import SearchableTracker
+from bench.report import (
+    BenchResult,
+    busy_from_log,
+    device_from_log,
+    efficiency,
+    parse_embed_stats,
+    percentile,
+    speedup,
+    speedup_bound,
+    stage_of,
+)
+from bench.runs import batchings, fixed_batches
+from streams.settings import MINILM, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- ratios ---------------------------------------------------------------------------------
+
+
+def test_ratios() -> None:
+    assert efficiency(30.0, 40.0) == pytest.approx(0.75)
+    assert speedup(120.0, 40.0) == pytest.approx(3.0)
+    # 40 pages at 100 ms on top of 20 s of encoding: a perfect pipeline saves the 4 s.
+    assert speedup_bound(20.0, 40, 0.1) == pytest.approx(1.2)
+    for missing in (efficiency(None, 40.0), speedup(120.0, None), speedup(1.0, 0.0)):
+        assert missing is None
+    assert speedup_bound(None, 40, 0.1) is None
+
+
+def test_percentile_matches_numpy() -> None:
+    rng = random.Random(7)
+    for n in (1, 2, 5, 101):
+        values = [rng.uniform(0, 10) for _ in range(n)]
+        for q in (0, 50, 90, 99, 100):
+            assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_result_json_has_nulls_for_what_was_not_measured() -> None:
+    r = BenchResult(docs=3, chunks=30, tokens=6000, latency_ms=100, model=MINILM, device="cpu")
+    r.bare_s, r.pipeline_s = 2.0, 4.0
+    r.milvus_rows = r.expected_rows = 31
+    out = r.to_json()
+    for key in ("bare_s", "naive_s", "pipeline_s", "efficiency", "speedup", "chunks_per_s"):
+        assert key in out
+    for key in ("p50_s", "p99_s", "docs", "chunks", "tokens", "latency_ms", "model", "device"):
+        assert key in out
+    assert out["naive_s"] is None and out["speedup"] is None and out["p50_s"] is None
+    assert out["efficiency"] == pytest.approx(0.5)
+    assert out["chunks_per_s"] == pytest.approx(7.5)
+    assert out["tokens_per_s"] == pytest.approx(1500)
+    assert out["speedup_bound"] == pytest.approx((2.0 + 3 * 0.1) / 2.0)
+    assert out["ok"] is True
+    json.dumps(out)  # serialisable as is
+
+    r.milvus_rows = 30
+    assert r.to_json()["ok"] is False
+    r.milvus_rows = 31
+    r.dead_letters = {"t.urls.dlq": 1}
+    assert r.ok is False
+
+
+# --- log and process parsing ----------------------------------------------------------------
+
+
+def test_stage_of_command_lines() -> None:
+    py = "/venv/bin/python"
+    assert stage_of([py, "-m", "ragstream.worker", "--stage", "embed"]) == "embed"
+    assert stage_of([py, "-m", "ragstream.cli", "worker", "--stages", "write"]) == "write"
+    assert stage_of([py, "-m", "ragstream.cli", "worker", "--stages=fetch"]) == "fetch"
+    assert (
+        stage_of([py, "-m", "ragstream.cli", "worker", "--stages", "fetch,embed,write"])
+        == "supervisor"
+    )
+    assert stage_of(["/venv/bin/ragstream", "worker"]) == "supervisor"
+    assert stage_of(["java", "-cp", "libs/*", "kafka.Kafka"]) is None
+
+
+def test_embed_stats_and_device_from_logs() -> None:
+    before = (
+        "[INFO] model all-MiniLM-L6-v2 loaded on cpu in 7.1s (dim 384)\n"
+        "[INFO] embed stats: busy_s=1.500 texts=3 tokens=600\n"
+    )
+    after = (
+        "[INFO] window: 40 messages\n"
+        "[INFO] embed stats: busy_s=5.000 texts=40 tokens=9000\n"
+        "[INFO] embed stats: busy_s=9.500 texts=80 tokens=18000\n"
+    )
+    stats = parse_embed_stats(before + after)
+    assert [s.busy_s for s in stats] == [1.5, 5.0, 9.5]
+    assert stats[-1].texts == 80 and stats[-1].tokens == 18000
+    assert busy_from_log(before, after, wall_s=10.0) == pytest.approx(0.8)
+    assert busy_from_log("no stats yet\n", after, wall_s=10.0) is None
+    assert device_from_log(before) == "cpu"
+    assert device_from_log("nothing") is None
+
+
+# --- batching -------------------------------------------------------------------------------
+
+
+def test_bare_batchings_cover_every_text_once() -> None:
+    rng = random.Random(3)
+    lengths = [rng.randint(5, 258) for _ in range(333)]
+    settings = Settings(embed_batch_tokens=4096, embed_max_batch=32)
+    plans = batchings(lengths, settings)
+    assert len(plans) == 2
+    for batches in plans.values():
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    budget = next(b for name, b in plans.items() if name.startswith("token budget"))
+    assert all(len(b) * max(lengths[i] for i in b) <= 4096 for b in budget)
+    fixed = fixed_batches(lengths, 32)
+    assert all(len(b) == 32 for b in fixed[:-1])
+    firsts = [lengths[b[0]] for b in fixed]
+    assert firsts == sorted(firsts, reverse=True)  # longest first, so padding is small
+
+
+# --- publish-to-searchable bookkeeping ------------------------------------------------------
+
+
+def test_searchable_only_when_every_vector_is_committed() -> None:
+    t = SearchableTracker({"d1": "http://x/1", "d2": "http://x/2", "d3": "http://x/3"})
+    for url in ("http://x/1", "http://x/2", "http://x/3"):
+        t.published(url, 10.0)
+    t.vector("d1", "upsert", 0, 3, partition=0, offset=100)
+    t.vector("d1", "upsert", 1, 3, partition=0, offset=101)
+    t.vector("other", "upsert", 0, 1, partition=0, offset=102)  # not followed: ignored
+    assert t.committed({0: 500}, 11.0) == 0  # d1's third vector has not been seen yet
+    t.vector("d1", "upsert", 2, 3, partition=0, offset=105)
+    assert t.committed({0: 105}, 12.0) == 0  # committed offset 105 = 105 not processed yet
+    assert t.committed({0: 106}, 13.0) == 1
+    t.vector("d2", "delete", None, 0, partition=1, offset=7)  # a page without text
+    assert t.committed({0: 106}, 14.0) == 0  # other partition
+    assert t.committed({0: 106, 1: 8}, 15.0) == 1
+    assert not t.done
+    assert t.latencies() == {"http://x/1": pytest.approx(3.0), "http://x/2": pytest.approx(5.0)}
+
+
+# --- end to end -----------------------------------------------------------------------------
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(300)
+def test_bench_runs_end_to_end(broker: str, tmp_path: Path, django_docs: Path, chunker) -> None:
+    """``python -m bench --docs 3 --skip-naive``: the bare run and the pipeline on a real
+    broker; the JSON line agrees with the chunker, and Milvus was verified."""
+    from ragstream.corpus import corpus_files, subset
+    from streams.documents import page_chunks
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MILVUS_URI", "RAGSTREAM_MILVUS_URI")}
+    env |= {
+        "RAGSTREAM_BROKER": broker,
+        "RAGSTREAM_HOME": str(tmp_path / "home"),
+        "RAGSTREAM_MODEL": MINILM,
+        "HF_HUB_OFFLINE": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--docs", "3", "--skip-naive", "--latency-ms", "20"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    files = subset(corpus_files(django_docs), 3)
+    expected = sum(
+        len(page_chunks(f"http://h/{p.name}", p.read_bytes(), "text/plain", chunker)) for p in files
+    )
+    assert out["docs"] == 3 and out["chunks"] == expected
+    assert out["milvus_rows"] == out["expected_rows"] == expected + 1  # + the warm-up page
+    assert out["ok"] is True and out["dead_letters"] == {}
+    assert out["naive_s"] is None and out["speedup"] is None and out["p50_s"] is None
+    assert out["bare_s"] > 0 and out["pipeline_s"] > 0
+    assert out["efficiency"] == pytest.approx(out["bare_s"] / out["pipeline_s"], rel=1e-3)
+    assert out["chunks_per_s"] == pytest.approx(expected / out["pipeline_s"], rel=1e-3)
+    assert out["model"] == MINILM and out["device"]
+    assert {"fetch", "embed", "write"} <= set(out["peak_rss_mb"])
+    assert all(v > 20 for v in out["peak_rss_mb"].values())
+    assert "efficiency" in proc.stdout  # the human table came before the JSON line
