@@ -125,6 +125,7 @@ def register(app: faust.App, settings: Settings) -> None:
             }
 
         async def encoder() -> None:
+            last_log = 0.0
             while True:
                 events = await pools.get()
                 try:
@@ -133,6 +134,16 @@ def register(app: faust.App, settings: Settings) -> None:
                     fatal("embedding a pool failed", exc)
                 for event in events:
                     await stream.ack(event)
+                now = time.perf_counter()
+                if now - last_log >= 2.0 or pools.empty():
+                    # Cumulative; the benchmark reads the model's busy fraction from it.
+                    log.info(
+                        "embed stats: busy_s=%.3f texts=%d tokens=%d",
+                        stats.busy_s,
+                        stats.texts,
+                        stats.tokens,
+                    )
+                    last_log = now
 
         task = asyncio.create_task(encoder())
         try:

@@ -56,3 +56,17 @@ def test_a_lite_path_in_milvus_uri_opens(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("0")
     assert db.exists()
+
+
+def test_configuration_doc_is_current() -> None:
+    """docs/configuration.md lists every setting with its default (regenerate with
+    `python scripts/config_doc.py`)."""
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "scripts" / "config_doc.py"
+    spec = importlib.util.spec_from_file_location("config_doc", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.OUT.read_text() == mod.render()
+    for name in Settings.model_fields:
+        assert name.upper() in mod.OUT.read_text()
