@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import logging
+import mimetypes
 import subprocess
 import sys
 import tarfile
@@ -86,6 +87,13 @@ def subset(files: list[Path], n: int) -> list[Path]:
     return [files[int(i * step)] for i in range(n)]
 
 
+def _content_type(path: Path) -> str:
+    if path.suffix in (".txt", ".rst", ""):
+        return "text/plain; charset=utf-8"
+    guessed = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"{guessed}; charset=utf-8" if guessed.startswith("text/") else guessed
+
+
 def _fresh(
     if_none_match: str | None, if_modified_since: str | None, etag: str, mtime: float
 ) -> bool:
@@ -146,11 +154,7 @@ class CorpusServer:
                     server.not_modified += 1
                     self._send(304, b"", None, {"ETag": etag, "Last-Modified": mtime})
                     return
-                ctype = (
-                    "text/html; charset=utf-8"
-                    if path.suffix == ".html"
-                    else "text/plain; charset=utf-8"
-                )
+                ctype = _content_type(path)
                 self._send(200, body, ctype, {"ETag": etag, "Last-Modified": mtime})
 
             def _send(
