@@ -117,6 +117,10 @@ def register(app: faust.App, settings: Settings) -> None:
                     await dead_letter(dlq, STAGE, event, "unsupported_content", str(exc), 1, url)
                 )
                 out = []
+            except Exception as exc:  # a page that breaks extraction or chunking: a poison
+                log.exception("cannot process %s", url)  # message must not stop the stage
+                sent.append(await dead_letter(dlq, STAGE, event, "extract", repr(exc), 1, url))
+                out = []
             for c in out:
                 sent.append(await chunks.send(key=c.key(), value=encode_chunk(c)))
             await delivered(sent)

@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     topic_prefix: str = Field(
         default="", description="Prefix for topic names (tests isolate themselves with it)."
     )
+    chunks_topic: str = Field(
+        default="",
+        description=(
+            "Read/write this chunks topic instead of <prefix>chunks: lets a second embed+write "
+            "pair (own prefix, app id, collection, model) replay the live chunks."
+        ),
+    )
     url_partitions: int = Field(default=4, ge=1, description="Partitions of `urls`.")
     chunk_partitions: int = Field(default=1, ge=1, description="Partitions of `chunks`.")
     vector_partitions: int = Field(default=1, ge=1, description="Partitions of `vectors`.")
@@ -149,6 +156,8 @@ class Settings(BaseSettings):
         return env
 
     def topic(self, name: str) -> str:
+        if name == "chunks" and self.chunks_topic:
+            return self.chunks_topic
         return f"{self.topic_prefix}{name}"
 
     def group(self, stage: str) -> str:

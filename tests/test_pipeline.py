@@ -75,3 +75,38 @@ def test_urls_become_searchable_chunks(settings: Settings, site: Path, chunker) 
             assert hits[0].score > 0.99
     finally:
         store.close()
+
+
+def test_second_embed_write_pair_replays_chunks_into_a_new_collection(
+    settings: Settings, site: Path, chunker, milvus_server
+) -> None:
+    """Runbook 2: a second embed+write pair with its own groups, vectors topic and
+    collection, reading the live chunks topic, rebuilds the whole index."""
+    settings = settings.model_copy(update={"milvus_uri": milvus_server.uri})
+    files = corpus_files(site)[:3]
+    with CorpusServer(site) as server:
+        expected = expected_index(chunker, server, files)
+        base = baseline(settings)
+        worker = Worker(settings)
+        try:
+            publish_urls(settings, [server.url_of(p) for p in files])
+            wait_for(settings, base, len(files), worker)
+        finally:
+            worker.stop()
+    v2 = settings.model_copy(
+        update={
+            "app_id": settings.app_id + "v2",
+            "topic_prefix": "v2." + settings.topic_prefix,
+            "chunks_topic": settings.topic("chunks"),
+            "collection": "ragstream_v2",
+        }
+    )
+    base2 = baseline(v2)
+    pair = Worker(v2, stages="embed,write")
+    try:
+        snap = wait_for(v2, {**base2, "chunks": 0}, 0, pair)
+    finally:
+        pair.stop()
+    assert snap.written == len(expected)
+    assert {r["id"]: r["text"] for r in milvus_rows(v2)} == expected
+    assert {r["id"]: r["text"] for r in milvus_rows(settings)} == expected
