@@ -30,7 +30,7 @@ from streams.messages import UrlRequest
 from streams.settings import MINILM, Settings, get_settings
 from streams.topics import ensure_topics
 
-DEFAULT_DOCS = 60
+DEFAULT_DOCS = 150
 QUERY = "How do I write a custom template filter?"
 
 

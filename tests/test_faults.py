@@ -203,9 +203,10 @@ def test_milvus_outage_commits_nothing_and_recovers(
 def test_fetch_worker_joining_and_leaving(
     settings: Settings, django_docs: Path, chunker, reference_vectors
 ) -> None:
-    settings = settings.model_copy(update={"fetch_concurrency": 2})
+    # One page at a time, one second each: the ingestion outlasts the second worker's start.
+    settings = settings.model_copy(update={"fetch_concurrency": 1})
     files = docs_for_faults(django_docs)
-    with CorpusServer(django_docs, latency_s=0.3) as server:
+    with CorpusServer(django_docs, latency_s=1.0) as server:
         expected = expected_index(chunker, server, files)
         base = baseline(settings)
         workers = [Worker(settings, stages=s) for s in ("fetch", "embed", "write")]
@@ -220,12 +221,14 @@ def test_fetch_worker_joining_and_leaving(
             while "urls" not in _assigned(extra):
                 assert time.monotonic() < deadline and extra.alive(), extra.tail()
                 time.sleep(0.2)
-            time.sleep(1.0)
+            joined_at = run(snapshot(settings, base))
+            time.sleep(2.0)
             extra.stop()  # leaves the group: its partitions go back to the first worker
             final = wait_for(settings, base, len(files), timeout_s=300)
         finally:
             for w in [*workers, *([extra] if extra else [])]:
                 w.stop()
+    assert 0 < joined_at.fetched < len(files), "the second worker did not join mid-ingestion"
     assert final.fetched == len(files)
     assert final.dead == {}
     assert_exact_index(settings, expected, reference_vectors)
