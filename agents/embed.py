@@ -63,7 +63,8 @@ def register(app: faust.App, settings: Settings) -> None:
             results: dict[int, Vector | Exception] = {}
             if todo:
                 texts = [decoded[i].text or "" for i in todo]  # type: ignore[union-attr]
-                lengths = await asyncio.to_thread(embedder.token_lengths, texts)
+                ids = await asyncio.to_thread(embedder.tokenize, texts)
+                lengths = [len(x) for x in ids]
                 for b, n in enumerate(lengths):
                     if n <= embedder.n_special:  # e.g. only zero-width or control characters
                         results[todo[b]] = ValueError("text has no token the model can read")
@@ -74,7 +75,11 @@ def register(app: faust.App, settings: Settings) -> None:
                     if not batch:
                         continue
                     idx = [todo[b] for b in batch]
-                    results.update(await encode_batch(embedder, [decoded[i] for i in idx], idx))
+                    results.update(
+                        await encode_batch(
+                            embedder, [decoded[i] for i in idx], idx, [ids[b] for b in batch]
+                        )
+                    )
                     stats.tokens += sum(lengths[b] for b in batch)
             for i, (event, chunk) in enumerate(zip(events, decoded, strict=True)):
                 if chunk is None:
@@ -92,12 +97,12 @@ def register(app: faust.App, settings: Settings) -> None:
             await delivered(sent)
 
         async def encode_batch(
-            embedder: Embedder, batch: list[Chunk], idx: list[int]
+            embedder: Embedder, batch: list[Chunk], idx: list[int], ids: list[list[int]]
         ) -> dict[int, Vector | Exception]:
             """One encode call; if it fails, each text alone, so one bad text costs one."""
             t0 = time.perf_counter()
             try:
-                out = await asyncio.to_thread(embedder.encode, [c.text or "" for c in batch])
+                out = await asyncio.to_thread(embedder.encode_ids, ids)
                 encoded = [
                     (c, out.dense[j], out.sparse[j] if out.sparse else None)
                     for j, c in enumerate(batch)
@@ -107,8 +112,8 @@ def register(app: faust.App, settings: Settings) -> None:
                     log.warning("cannot embed chunk of %s: %r", batch[0].url, exc)
                     return {idx[0]: exc}
                 res: dict[int, Vector | Exception] = {}
-                for c, i in zip(batch, idx, strict=True):
-                    res.update(await encode_batch(embedder, [c], [i]))
+                for c, i, one in zip(batch, idx, ids, strict=True):
+                    res.update(await encode_batch(embedder, [c], [i], [one]))
                 return res
             finally:
                 stats.busy_s += time.perf_counter() - t0

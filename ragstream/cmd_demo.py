@@ -28,6 +28,7 @@ from ragstream.progress import Snapshot, snapshot_raw, wait_indexed
 from ragstream.publisher import publish
 from streams.messages import UrlRequest
 from streams.settings import MINILM, Settings, get_settings
+from streams.store import MilvusStore
 from streams.topics import ensure_topics
 
 DEFAULT_DOCS = 150
@@ -138,6 +139,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"[bold green]Indexed[/] {snap.fetched} pages -> {snap.chunks} chunks -> "
         f"{snap.written} vectors in Milvus ({settings.milvus_target}); {elapsed:.0f}s in all"
     )
+    store = MilvusStore(settings)
+    try:
+        console.print(f"Milvus collection '{settings.collection}' holds {store.count()} chunks")
+    finally:
+        store.close()
     if snap.dead:
         console.print(f"[yellow]Dead letters:[/] {snap.dead} (see `ragstream dlq list`)")
     from ragstream.cmd_search import format_hit, search  # noqa: PLC0415

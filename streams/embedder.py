@@ -132,21 +132,25 @@ class Embedder:
             self.sparse,
         )
 
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, cut at what the model reads: done once per text, the
+        lengths plan the batches and the ids feed the model."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
         """Tokens each text costs in a batch (with specials, capped at what the model reads)."""
-        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
-        return [len(x) for x in ids]
+        return [len(x) for x in self.tokenize(texts)]
 
     def encode(self, texts: Sequence[str]) -> Encoded:
         """One forward pass over ``texts`` as one batch (the caller plans batches)."""
+        return self.encode_ids(self.tokenize(texts))
+
+    def encode_ids(self, ids: Sequence[list[int]]) -> Encoded:
+        """One forward pass over already tokenized texts, padded to the longest."""
         torch = self._torch
-        inputs = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        ).to(self.device)
+        inputs = self.tokenizer.pad({"input_ids": list(ids)}, padding=True, return_tensors="pt").to(
+            self.device
+        )
         with self._lock, torch.inference_mode():
             if self.sparse:
                 out = self._flag.model(

@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     session_timeout_s: float = Field(
         default=10.0, description="Consumer session timeout: how fast a dead worker is noticed."
     )
-    commit_interval_s: float = Field(default=1.0, description="How often acked offsets commit.")
+    commit_interval_s: float = Field(default=0.5, description="How often acked offsets commit.")
     web_port: int = Field(default=0, description="Faust web server port per stage; 0 = off.")
 
     # --- fetch + chunk -----------------------------------------------------------------
@@ -98,7 +98,7 @@ class Settings(BaseSettings):
         description="Milvus server token (user:password), if any.",
     )
     collection: str = Field(default="ragstream", description="Milvus collection name.")
-    window_s: float = Field(default=2.0, description="Tumbling window length in seconds.")
+    window_s: float = Field(default=1.0, description="Tumbling window length in seconds.")
     window_rows: int = Field(default=2000, description="Most rows per window (one upsert).")
     write_backoff_max_s: float = Field(default=30.0, description="Cap of write retry delay.")
 
