@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from streams.settings import Settings
-from streams.topics import CHUNKS, URLS, VECTORS, dlq, stage_lags, topic_end_offsets
+from streams.topics import CHUNKS, URLS, VECTORS, OffsetReader, dlq
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -36,11 +36,15 @@ class Snapshot:
         )
 
 
-async def snapshot_raw(settings: Settings) -> dict[str, int]:
-    lags = {lag.stage: lag for lag in await stage_lags(settings)}
-    ends = await topic_end_offsets(
-        settings, [settings.topic(dlq(t)) for t in (URLS, CHUNKS, VECTORS)]
-    )
+async def snapshot_raw(settings: Settings, reader: OffsetReader | None = None) -> dict[str, int]:
+    """Raw counts now; pass a ``reader`` when polling, to reuse its connections."""
+    if reader is None:
+        async with OffsetReader(settings) as own:
+            return await snapshot_raw(settings, own)
+    lags = {lag.stage: lag for lag in await reader.stage_lags()}
+    ends = {
+        t: await reader.end(t) for t in (settings.topic(dlq(n)) for n in (URLS, CHUNKS, VECTORS))
+    }
     return {
         "urls": lags["fetch"].end,
         "fetched": lags["fetch"].committed,
@@ -52,8 +56,10 @@ async def snapshot_raw(settings: Settings) -> dict[str, int]:
     }
 
 
-async def snapshot(settings: Settings, base: dict[str, int] | None = None) -> Snapshot:
-    raw = await snapshot_raw(settings)
+async def snapshot(
+    settings: Settings, base: dict[str, int] | None = None, reader: OffsetReader | None = None
+) -> Snapshot:
+    raw = await snapshot_raw(settings, reader)
     b = base or {}
     d = {k: raw[k] - b.get(k, 0) for k in raw}
     return Snapshot(
@@ -77,12 +83,13 @@ async def wait_indexed(
 ) -> Snapshot:
     """Until every URL published since ``base`` went through every stage (or timeout)."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        snap = await snapshot(settings, base)
-        if on_update:
-            on_update(snap)
-        if snap.urls >= expected_urls and snap.done:
-            return snap
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not indexed after {timeout_s:.0f}s: {snap}")
-        await asyncio.sleep(poll_s)
+    async with OffsetReader(settings) as reader:
+        while True:
+            snap = await snapshot(settings, base, reader)
+            if on_update:
+                on_update(snap)
+            if snap.urls >= expected_urls and snap.done:
+                return snap
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not indexed after {timeout_s:.0f}s: {snap}")
+            await asyncio.sleep(poll_s)

@@ -100,36 +100,66 @@ class StageLag:
         return self.end - self.committed
 
 
-async def stage_lags(settings: Settings) -> list[StageLag]:
-    """Per stage: messages in its topic and how far its group has committed.
+class OffsetReader:
+    """One admin client and one consumer for reading group and end offsets repeatedly:
+    following progress polls often, and connecting anew for every poll costs more CPU than
+    the work it watches on a small machine."""
 
-    Read in pipeline order (urls, then chunks, then vectors): a fetch commit happens only
-    after its chunks were acknowledged by the broker, so when every stage shows lag 0 in
-    one pass, everything published before that pass is written.
-    """
-    client = admin(settings)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker, enable_auto_commit=False)
-    await client.start()
-    await consumer.start()
-    try:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.admin = admin(settings)
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.broker, enable_auto_commit=False
+        )
+
+    async def __aenter__(self) -> OffsetReader:
+        await self.admin.start()
+        try:
+            await self.consumer.start()
+        except BaseException:
+            await self.admin.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.consumer.stop()
+        await self.admin.close()
+
+    async def _partitions(self, topic: str) -> list[TopicPartition]:
+        parts = self.consumer.partitions_for_topic(topic)
+        if parts is None:
+            await self.consumer._client.force_metadata_update()  # noqa: SLF001
+            parts = self.consumer.partitions_for_topic(topic) or set()
+        return [TopicPartition(topic, p) for p in sorted(parts)]
+
+    async def end(self, topic: str) -> int:
+        """Messages ever written to ``topic`` (the sum of its partitions' end offsets)."""
+        tps = await self._partitions(topic)
+        return sum((await self.consumer.end_offsets(tps)).values()) if tps else 0
+
+    async def committed(self, group: str, topic: str) -> int:
+        """Sum of ``group``'s committed offsets on ``topic`` (0 where none)."""
+        offsets = await _group_offsets(self.admin, group)
+        return sum(m.offset for tp, m in offsets.items() if tp.topic == topic and m.offset > 0)
+
+    async def stage_lags(self) -> list[StageLag]:
+        """Per stage: messages in its topic and how far its group has committed.
+
+        Read in pipeline order (urls, then chunks, then vectors): a fetch commit happens
+        only after its chunks were acknowledged by the broker, so when every stage shows lag
+        0 in one pass, everything published before that pass is written.
+        """
         out = []
         for stage, base in STAGES.items():
-            topic = settings.topic(base)
-            parts = consumer.partitions_for_topic(topic)
-            if parts is None:
-                await consumer._client.force_metadata_update()  # noqa: SLF001
-                parts = consumer.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in sorted(parts)]
-            offsets = await _group_offsets(client, settings.group(stage))
-            committed = sum(
-                meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0
-            )
-            ends = await consumer.end_offsets(tps) if tps else {}
-            out.append(StageLag(stage, topic, sum(ends.values()), committed))
+            topic = self.settings.topic(base)
+            committed = await self.committed(self.settings.group(stage), topic)
+            out.append(StageLag(stage, topic, await self.end(topic), committed))
         return out
-    finally:
-        await consumer.stop()
-        await client.close()
+
+
+async def stage_lags(settings: Settings) -> list[StageLag]:
+    async with OffsetReader(settings) as reader:
+        return await reader.stage_lags()
 
 
 async def _group_offsets(client: AIOKafkaAdminClient, group: str) -> dict:
@@ -151,15 +181,5 @@ async def _group_offsets(client: AIOKafkaAdminClient, group: str) -> dict:
 
 async def topic_end_offsets(settings: Settings, topics: list[str]) -> dict[str, int]:
     """Sum of end offsets per topic (how many messages were ever written to it)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        await consumer._client.force_metadata_update()  # noqa: SLF001
-        out = {}
-        for topic in topics:
-            parts = consumer.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in parts]
-            out[topic] = sum((await consumer.end_offsets(tps)).values()) if tps else 0
-        return out
-    finally:
-        await consumer.stop()
+    async with OffsetReader(settings) as reader:
+        return {topic: await reader.end(topic) for topic in topics}
