@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -33,6 +34,10 @@ def run_stage(settings: Settings, stage: str) -> None:
     from streams.app import create_app  # noqa: PLC0415
 
     asyncio.run(ensure_topics(settings))
+    if stage != "embed" and settings.io_nice:
+        # The embedder is the one stage that should never wait; I/O stages wait on the
+        # network anyway and lose nothing by yielding the CPU to it.
+        os.nice(settings.io_nice)
     app = create_app(settings, stage)
     if stage == "fetch":
         from agents import fetch as mod  # noqa: PLC0415

@@ -84,6 +84,15 @@ class Settings(BaseSettings):
     )
     embed_max_batch: int = Field(default=32, description="Most texts per encode call.")
     embed_gather_s: float = Field(default=0.05, description="Longest wait to fill a batch.")
+    io_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description=(
+            "Niceness of the fetch and write stages: on a shared machine the CPU goes to the "
+            "embedder first (0 = equal share)."
+        ),
+    )
     torch_threads: int = Field(default=0, description="torch intra-op threads; 0 = cores.")
 
     # --- write -------------------------------------------------------------------------
