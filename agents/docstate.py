@@ -12,6 +12,7 @@ never stale.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterable
 
@@ -56,8 +57,20 @@ class DocStates:
         else:
             self._states[url] = (partition, state)
 
-    def encode(self, state: DocState | None) -> bytes | None:
-        return orjson.dumps(state.to_json()) if state is not None else None
+    def encode(self, state: DocState | None, max_bytes: int | None = None) -> bytes | None:
+        """The state record, within the caps of :class:`DocState` and ``max_bytes``: when
+        even that is too big, the chunk hashes go (the page is re-embedded whole next
+        time), so a state record always fits its topic."""
+        if state is None:
+            return None
+        state = state.capped()
+        raw = orjson.dumps(state.to_json())
+        if max_bytes is not None and len(raw) > max_bytes:
+            log.warning(
+                "page state of %d bytes > %d: dropping its chunk hashes", len(raw), max_bytes
+            )
+            raw = orjson.dumps(dataclasses.replace(state, hashes=()).to_json())
+        return raw
 
     async def assign(self, partitions: Iterable[int]) -> None:
         """Own exactly ``partitions``: forget the others, load the new ones."""

@@ -17,7 +17,7 @@ from collections.abc import Awaitable
 import faust
 from faust.types import EventT
 
-from agents.common import dead_letter, delivered, fatal
+from agents.common import Outcome, dead_letter, delivered, fatal, hop_headers, hops_of, produce
 from streams.app import dlq_topic, topic
 from streams.batching import plan_batches
 from streams.embedder import Embedder
@@ -93,7 +93,11 @@ def register(app: faust.App, settings: Settings) -> None:
                         await dead_letter(dlq, STAGE, event, "embed", repr(vec), 1, chunk.url)
                     )
                 else:
-                    sent.append(await vectors.send(key=chunk.key(), value=encode_vector(vec)))
+                    out = Outcome(dlq, STAGE, event, chunk.url)  # over the size limit: dead letter
+                    hops = hop_headers(hops_of(event))
+                    sent.append(
+                        await produce(vectors, chunk.key(), encode_vector(vec), out, headers=hops)
+                    )
             await delivered(sent)
 
         async def encode_batch(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import logging
 import shutil
 import sys
@@ -30,9 +31,14 @@ T = TypeVar("T")
 
 REDRIVE_HELP = """\
 Send the original key and value of matching dead letters back to the topic they came from
-(acks=all). Progress is kept in the consumer group <app_id>-dlq-redrive, committed only
-after the broker acknowledged the re-sent messages, so running redrive again sends only
-letters that were not sent before. Letters the filters skip are NOT consumed: they stay
+(acks=all). A chunks or vectors letter is not re-applied (its content may be older than the
+index): it re-requests its page instead (a forced urls request for its url; refused, with
+the reason, when it has none). Each message sent back carries a hop count; a letter already
+redriven RAGSTREAM_DLQ_MAX_REDRIVES times is parked: listed, never sent again.
+
+Progress is kept in the consumer group <app_id>-dlq-redrive, committed only after the
+broker acknowledged the re-sent messages, so running redrive again sends only letters that
+were not sent before. Letters the filters skip are NOT consumed: they stay
 available to a later redrive with other filters (the group's committed offset stops at the
 first skipped letter; the letters sent past it are recorded in the commit's metadata).
 Records that are not valid dead-letter envelopes can never be sent and are passed. After a
@@ -146,8 +152,11 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
-def format_rows(entries: list[Entry], width: int = 120) -> list[str]:
-    """The table: time, stage, error class, attempts, URL or key, the error (truncated)."""
+def format_rows(
+    entries: list[Entry], width: int = 120, max_redrives: int | None = None
+) -> list[str]:
+    """The table: time, stage, error class, attempts, URL or key, the error (truncated);
+    a parked letter's error starts with ``[parked after N redrives]``."""
     subject_w = min(max([len(e.subject) for e in entries] + [10]), 60)
     head = f"{'time (UTC)':<19} {'stage':<5} {'error_class':<19} {'att':>3} "
     error_w = max(width - len(head) - subject_w - 1, 40)
@@ -156,6 +165,8 @@ def format_rows(entries: list[Entry], width: int = 120) -> list[str]:
         when = e.time.strftime("%Y-%m-%d %H:%M:%S")
         attempts = str(e.letter.attempts) if e.letter else "-"
         error = e.letter.error if e.letter else f"not a dead-letter envelope: {e.problem}"
+        if e.letter and e.parked(max_redrives):
+            error = f"[parked after {e.letter.hops} redrives] {error}"
         lines.append(
             f"{when:<19} {e.stage:<5} {_cut(e.error_class, 19):<19} {attempts:>3} "
             f"{_cut(e.subject, subject_w):<{subject_w}} {_cut(error, error_w)}"
@@ -173,6 +184,10 @@ def format_counts(listing: Listing) -> list[str]:
     for (stage, error_class), n in listing.counts.items():
         note = "  (records that are not dead-letter envelopes)" if error_class == INVALID else ""
         lines.append(f"  {stage:<5} {error_class:<19} {n:>7}{note}")
+    if listing.parked:
+        lines.append(
+            f"  {listing.parked} parked: redriven too often, `dlq redrive` will not send them again"
+        )
     return lines
 
 
@@ -188,12 +203,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     listing = _run(settings, list_letters(settings, filters_of(args), args.limit))
     if args.json:
         for e in listing.entries:
-            sys.stdout.buffer.write(orjson.dumps(e.to_json(args.with_value)) + b"\n")
+            obj = e.to_json(args.with_value, settings.dlq_max_redrives)
+            sys.stdout.buffer.write(orjson.dumps(obj) + b"\n")
         sys.stdout.flush()
         return 0
     width = shutil.get_terminal_size((120, 24)).columns
     if listing.entries:
-        print("\n".join(format_rows(listing.entries, width)))
+        print("\n".join(format_rows(listing.entries, width, settings.dlq_max_redrives)))
         print()
     print("\n".join(format_counts(listing)))
     return 0
@@ -213,6 +229,14 @@ def describe_plan(result: RedriveResult) -> list[str]:
         lines.append(f"  {already} handled by an earlier redrive (not sent again)")
     if invalid:
         lines.append(f"  {invalid} not valid dead-letter envelopes (cannot be sent; passed)")
+    if result.parked:
+        lines.append(
+            f"  {len(result.parked)} parked: redriven too often already (not sent; "
+            "still listed by `dlq list`)"
+        )
+    reasons = collections.Counter(why for _, why in result.refused)
+    for why, n in sorted(reasons.items()):
+        lines.append(f"  {n} refused: {why}")
     return lines
 
 

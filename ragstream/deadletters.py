@@ -14,6 +14,16 @@ sent), and the offsets of letters sent beyond that prefix travel in the commit's
 string (:class:`Progress`). A commit happens only after the broker acknowledged the re-sent
 messages (acks=all): a crash in between re-sends at most that batch on the next run, which
 the pipeline absorbs (deterministic ids make a repeated message overwrite itself).
+
+What goes back, and where (:func:`redrive_action`): a ``urls`` letter goes back as it was;
+a ``chunks`` or ``vectors`` letter is never re-applied (its content may be older than what
+the index holds since: it would move the page backwards) but re-requests its page: a
+``urls`` request with ``force`` for the letter's url. Every message sent back carries the
+hop count (Kafka header ``ragstream-hops``) one higher than the letter's, and the stages
+copy it into the letters they write and onto the messages they derive, so a letter that
+has already been redriven ``dlq_max_redrives`` times is parked (listed, never sent again)
+instead of looping. A letter that cannot be sent (no usable url where one is needed) is
+refused with the reason.
 """
 
 from __future__ import annotations
@@ -33,9 +43,17 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
-from streams.messages import DeadLetter, DecodeError, decode_dead_letter
+from streams.ids import normalize_url
+from streams.messages import (
+    DeadLetter,
+    DecodeError,
+    UrlRequest,
+    decode_dead_letter,
+    encode_url,
+)
+from streams.retry import HOPS
 from streams.settings import Settings
-from streams.topics import STAGES, dlq
+from streams.topics import STAGES, URLS, dlq
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +107,7 @@ class Entry:
     letter: DeadLetter | None
     raw: bytes | None  # the record value (None in a redrive plan, to keep plans small)
     problem: str | None = None  # why the record is not a valid envelope
+    target: str | None = None  # in a redrive plan: the topic it is sent to
 
     @property
     def error_class(self) -> str:
@@ -103,7 +122,15 @@ class Entry:
             return self.letter.key.decode("utf-8", "replace")
         return "-"
 
-    def to_json(self, with_value: bool = False) -> dict[str, Any]:
+    def parked(self, max_redrives: int | None) -> bool:
+        """Redriven ``max_redrives`` times already: redrive will not send it again."""
+        return (
+            self.letter is not None
+            and max_redrives is not None
+            and self.letter.hops >= max_redrives
+        )
+
+    def to_json(self, with_value: bool = False, max_redrives: int | None = None) -> dict[str, Any]:
         """The envelope as it is on the topic (plus where it is), ``value_b64`` on request."""
         where = {"dlq_topic": self.dlq_topic, "dlq_partition": self.partition}
         where["dlq_offset"] = self.offset
@@ -115,6 +142,8 @@ class Entry:
         obj = orjson.loads(self.raw) if self.raw is not None else {}
         if not with_value:
             obj.pop("value_b64", None)
+        if self.parked(max_redrives):
+            obj["parked"] = True
         return {**where, **obj}
 
 
@@ -242,16 +271,19 @@ class Listing:
     entries: list[Entry]  # the first ``limit`` matching entries, oldest first
     matched: int  # how many entries matched in all
     counts: dict[tuple[str, str], int]  # (stage, error_class) -> matching entries
+    parked: int = 0  # matching letters redriven dlq_max_redrives times (never sent again)
 
 
 async def list_letters(settings: Settings, filters: Filters, limit: int | None = None) -> Listing:
     """The matching dead letters (oldest first, at most ``limit``) and counts of all matching."""
     kept: dict[tuple[str, int], list[Entry]] = collections.defaultdict(list)
     counts: collections.Counter[tuple[str, str]] = collections.Counter()
+    parked = 0
     async for entry in iter_entries(settings, filters.stages):
         if not filters.matches(entry):
             continue
         counts[entry.stage, entry.error_class] += 1
+        parked += entry.parked(settings.dlq_max_redrives)
         shelf = kept[entry.dlq_topic, entry.partition]
         if limit is None or len(shelf) < limit:  # a partition is (nearly) in time order
             shelf.append(entry)
@@ -261,7 +293,7 @@ async def list_letters(settings: Settings, filters: Filters, limit: int | None =
     )
     if limit is not None:
         entries = entries[:limit]
-    return Listing(entries, sum(counts.values()), dict(sorted(counts.items())))
+    return Listing(entries, sum(counts.values()), dict(sorted(counts.items())), parked)
 
 
 # --- redrive progress ---------------------------------------------------------------------
@@ -351,6 +383,41 @@ class Progress:
 # --- redrive ------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Action:
+    """What redrive does with one letter: send ``value`` (None: the letter's original
+    bytes) to ``topic`` under ``key``, with hop count ``hops``; or refuse, and why."""
+
+    topic: str | None = None
+    key: bytes | None = None
+    value: bytes | None = None
+    hops: int = 0
+    refused: str | None = None
+
+    @property
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [(HOPS, str(self.hops).encode())]
+
+
+def _request(settings: Settings, letter: DeadLetter, why: str) -> Action:
+    """A forced ``urls`` request for the letter's page (or a refusal when it has none)."""
+    try:
+        url = normalize_url(letter.url or "")
+    except ValueError:
+        return Action(refused=f"{why}, and the letter has no usable url")
+    req = UrlRequest(url=url, source="redrive", force=True)
+    return Action(settings.topic(URLS), req.key(), encode_url(req), letter.hops + 1)
+
+
+def redrive_action(settings: Settings, letter: DeadLetter) -> Action:
+    """Where one letter goes back to, and as what (see the module's docstring)."""
+    if letter.stage != "fetch":
+        return _request(settings, letter, f"{letter.stage} letters re-request their page")
+    if letter.value_truncated:
+        return _request(settings, letter, "its value was truncated")
+    return Action(letter.topic, letter.key, None, letter.hops + 1)
+
+
 @dataclasses.dataclass(slots=True)
 class PartitionPlan:
     tp: TopicPartition
@@ -362,6 +429,8 @@ class PartitionPlan:
     skipped: int = 0  # valid letters the filters left for another redrive
     already: int = 0  # letters an earlier redrive sent
     invalid: int = 0  # records that are no envelope (passed: they cannot be sent)
+    parked: list[Entry] = dataclasses.field(default_factory=list)  # redriven too often
+    refused: list[tuple[Entry, str]] = dataclasses.field(default_factory=list)  # and why
 
 
 @dataclasses.dataclass(slots=True)
@@ -379,18 +448,26 @@ class RedriveResult:
     @property
     def targets(self) -> dict[str, int]:
         """Target topic -> letters the plan sends there."""
-        out = collections.Counter(e.letter.topic for e in self.letters if e.letter)
+        out = collections.Counter(e.target for e in self.letters if e.target)
         return dict(sorted(out.items()))
+
+    @property
+    def parked(self) -> list[Entry]:
+        return [e for p in self.plan for e in p.parked]
+
+    @property
+    def refused(self) -> list[tuple[Entry, str]]:
+        return [r for p in self.plan for r in p.refused]
 
     def total(self, field: str) -> int:
         return sum(getattr(p, field) for p in self.plan)
 
 
-def _light(entry: Entry) -> Entry:
+def _light(entry: Entry, target: str | None = None) -> Entry:
     """The entry without its bytes, for a plan that must stay small for big dead-letter topics."""
     assert entry.letter is not None
     letter = dataclasses.replace(entry.letter, value=b"")
-    return dataclasses.replace(entry, letter=letter, raw=None)
+    return dataclasses.replace(entry, letter=letter, raw=None, target=target)
 
 
 async def _commit(consumer: AIOKafkaConsumer, part: PartitionPlan) -> int:
@@ -452,10 +529,16 @@ async def redrive(
             elif entry.letter is None:
                 part.invalid += 1
                 part.progress.mark(record.offset)
-            elif filters.matches(entry):
-                part.send.append(_light(entry))
-            else:
+            elif not filters.matches(entry):
                 part.skipped += 1
+            elif entry.parked(settings.dlq_max_redrives):
+                part.parked.append(_light(entry))
+            else:
+                action = redrive_action(settings, entry.letter)
+                if action.refused:
+                    part.refused.append((_light(entry), action.refused))
+                else:
+                    part.send.append(_light(entry, action.topic))
 
         if dry_run:
             return result
@@ -465,7 +548,11 @@ async def redrive(
                 return result
             await _check_targets(consumer, result.targets)
             await _send(settings, consumer, result, batch)
-        for part in result.plan:  # invalid records passed; refreshes the commit's age too
+        for part in result.plan:
+            # Parked and refused letters are handled: they can never be sent (they stay
+            # listed by `dlq list`). Invalid records passed; refreshes the commit's age too.
+            for entry in [*part.parked, *(e for e, _ in part.refused)]:
+                part.progress.mark(entry.offset)
             result.passed_over += await _commit(consumer, part)
         return result
     finally:
@@ -493,12 +580,13 @@ async def _send(
     try:
         for part in result.plan:
             if part.send:
-                await _send_partition(producer, consumer, result, part, batch)
+                await _send_partition(settings, producer, consumer, result, part, batch)
     finally:
         await producer.stop()
 
 
 async def _send_partition(
+    settings: Settings,
     producer: AIOKafkaProducer,
     consumer: AIOKafkaConsumer,
     result: RedriveResult,
@@ -522,11 +610,14 @@ async def _send_partition(
         if record.offset not in wanted:
             continue
         letter = decode_dead_letter(record.value)  # it decoded when planned
+        action = redrive_action(settings, letter)
+        assert action.topic is not None
+        value = letter.value if action.value is None else action.value
         pending.append(
             (
                 record.offset,
-                letter.topic,
-                await producer.send(letter.topic, letter.value, key=letter.key),
+                action.topic,
+                await producer.send(action.topic, value, key=action.key, headers=action.headers),
             )
         )
         if len(pending) >= batch:

@@ -14,6 +14,7 @@ import logging
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     CoordinatorLoadInProgressError,
     GroupCoordinatorNotAvailableError,
@@ -26,8 +27,20 @@ from streams.settings import Settings
 log = logging.getLogger(__name__)
 
 URLS, CHUNKS, VECTORS = "urls", "chunks", "vectors"
+#: Delivery ids the webhook server has answered (compacted; read back at its startup).
+DELIVERIES = "webhooks.deliveries"
+#: How long the deliveries topic keeps a record: a day more than ``webhook_dedup_s`` may be.
+DELIVERIES_RETENTION_MS = 8 * 86_400_000
 STAGES: dict[str, str] = {"fetch": URLS, "embed": CHUNKS, "write": VECTORS}
 """Each stage and the topic it consumes (its consumer group is ``<app_id>-<stage>``)."""
+
+RETRY_GROUP = "retry"
+"""``settings.group(RETRY_GROUP)`` forwards due requests from the delay topics to ``urls``."""
+
+BROKER_DEFAULT_MAX_BYTES = 1_048_588
+"""Kafka's default ``message.max.bytes``: the limit assumed when the broker does not say."""
+
+DAY_MS = 86_400_000
 
 
 def dlq(topic: str) -> str:
@@ -49,19 +62,100 @@ def topic_specs(settings: Settings) -> dict[str, int]:
     for name in (URLS, CHUNKS, VECTORS):
         specs[settings.topic(dlq(name))] = 1
     specs[settings.topic(state_topic(URLS))] = settings.url_partitions
+    specs[settings.topic(DELIVERIES)] = 1  # read whole at startup: one partition, in order
+    for name in retry_topics(settings):
+        specs[name] = settings.url_partitions
     return specs
 
 
-def topic_config(name: str) -> dict[str, str]:
+def retry_delays(settings: Settings) -> list[float]:
+    """``fetch_retry_delays`` as seconds, in order (empty: no delayed retries)."""
+    return [float(x) for x in settings.fetch_retry_delays.split(",") if x.strip()]
+
+
+def retry_topic(n: int) -> str:
+    """The delay topic of the ``n``-th delayed retry (1-based) of a ``urls`` request."""
+    return f"{URLS}.retry.{n}"
+
+
+def retry_topics(settings: Settings) -> dict[str, float]:
+    """Full name of each delay topic -> its delay in seconds."""
+    return {
+        settings.topic(retry_topic(i)): delay
+        for i, delay in enumerate(retry_delays(settings), start=1)
+    }
+
+
+def topic_config(name: str, settings: Settings | None = None) -> dict[str, str]:
     if name.endswith(".dlq"):
         return {"retention.ms": "-1"}  # dead letters are kept until dealt with
     if name.endswith(".state"):
         return {"cleanup.policy": "compact"}  # the latest state per key, forever
+    delay = retry_topics(settings).get(name) if settings is not None else None
+    if delay is not None:
+        # A request waits here for its delay: kept a week past it, so a fetch stage that
+        # was stopped meanwhile still finds its retries when it comes back.
+        return {"retention.ms": str(int(delay * 1000) + 7 * DAY_MS)}
+    if name.endswith(DELIVERIES):  # each id once, and only for as long as it can matter
+        return {
+            "cleanup.policy": "compact,delete",
+            "retention.ms": str(DELIVERIES_RETENTION_MS),
+            "segment.ms": "3600000",
+        }
     return {}
 
 
 def admin(settings: Settings) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(bootstrap_servers=settings.broker, request_timeout_ms=15000)
+
+
+async def message_limits(broker: str, topics: list[str]) -> dict[str, int]:
+    """The largest record batch the broker accepts on each topic, in bytes.
+
+    A topic's ``max.message.bytes`` (which already falls back to the broker's
+    ``message.max.bytes``); for a topic the broker does not describe, the broker's
+    ``message.max.bytes``; failing that, Kafka's default. Read once when a stage starts: a
+    produce over the limit can never succeed, so the stage dead-letters it instead.
+    """
+    client = AIOKafkaAdminClient(bootstrap_servers=broker, request_timeout_ms=15000)
+    await client.start()
+    try:
+        out: dict[str, int] = {}
+        broker_max = BROKER_DEFAULT_MAX_BYTES
+        try:
+            cluster = await client._client.fetch_all_metadata()  # noqa: SLF001
+            node = min(b.nodeId for b in cluster.brokers())
+            res = ConfigResource(ConfigResourceType.BROKER, str(node), {"message.max.bytes": None})
+            broker_max = _config_value(await client.describe_configs([res]), "message.max.bytes")
+        except Exception as exc:  # an old or locked-down broker: assume Kafka's default
+            log.warning(
+                "cannot read the broker's message.max.bytes (%r); assuming %d", exc, broker_max
+            )
+        wanted = [
+            ConfigResource(ConfigResourceType.TOPIC, t, {"max.message.bytes": None}) for t in topics
+        ]
+        try:
+            responses = await client.describe_configs(wanted) if wanted else []
+        except Exception as exc:
+            log.warning("cannot read topics' max.message.bytes (%r)", exc)
+            responses = []
+        for response in responses:
+            for error, _msg, _type, name, entries in response.resources:
+                for key, value, *_ in entries if not error else ():
+                    if key == "max.message.bytes" and str(value).isdigit():
+                        out[name] = int(value)
+        return {t: out.get(t, broker_max) for t in topics}
+    finally:
+        await client.close()
+
+
+def _config_value(responses: list, key: str) -> int:
+    for response in responses:
+        for error, _msg, _type, _name, entries in response.resources:
+            for name, value, *_ in entries if not error else ():
+                if name == key and str(value).isdigit():
+                    return int(value)
+    return BROKER_DEFAULT_MAX_BYTES
 
 
 async def ensure_topics(settings: Settings) -> None:
@@ -75,7 +169,7 @@ async def ensure_topics(settings: Settings) -> None:
                 name,
                 num_partitions=n,
                 replication_factor=1,
-                topic_configs=topic_config(name),
+                topic_configs=topic_config(name, settings),
             )
             for name, n in topic_specs(settings).items()
             if name not in existing
@@ -153,7 +247,18 @@ class OffsetReader:
         for stage, base in STAGES.items():
             topic = self.settings.topic(base)
             committed = await self.committed(self.settings.group(stage), topic)
-            out.append(StageLag(stage, topic, await self.end(topic), committed))
+            end = await self.end(topic)
+            if stage == "fetch":
+                # A request waiting in a delay topic is not done: it comes back to urls.
+                names = set(retry_topics(self.settings))
+                if names:
+                    offsets = await _group_offsets(self.admin, self.settings.group(RETRY_GROUP))
+                    committed += sum(
+                        m.offset for tp, m in offsets.items() if tp.topic in names and m.offset > 0
+                    )
+                    for name in names:
+                        end += await self.end(name)
+            out.append(StageLag(stage, topic, end, committed))
         return out
 
 

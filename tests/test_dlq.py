@@ -30,7 +30,7 @@ from ragstream.deadletters import (
     parse_since,
     redrive,
 )
-from streams.messages import DeadLetter, UrlRequest, encode_dead_letter, encode_url
+from streams.messages import DeadLetter, UrlRequest, decode_url, encode_dead_letter, encode_url
 from streams.settings import Settings, get_settings
 from streams.topics import CHUNKS, URLS, VECTORS, admin, dlq, ensure_topics, topic_end_offsets
 from tests.helpers import Worker
@@ -195,6 +195,7 @@ def letters(settings: Settings) -> dict[str, DeadLetter]:
             error="RuntimeError('boom')",
             key=b"doc-1",
             value=b'{"v":1,"op":"upsert"}',
+            url="https://c.example/doc",
         ),
         "schema": DeadLetter(
             stage="write", topic=vectors, error_class="schema", error="dim", value=b"\x00\x01"
@@ -354,16 +355,25 @@ def test_redrive_sends_original_bytes_once(
     assert (b"bad-key", b"{not json") in run(read_topic(settings, urls))
 
     rest = run(redrive(settings, Filters()))
-    assert rest.sent == {urls: 1, chunks: 1, vectors: 1}
-    assert run(read_topic(settings, chunks)) == [(b"doc-1", letters["embed"].value)]
-    assert run(read_topic(settings, vectors)) == [(None, b"\x00\x01")]
+    # the embed letter re-requests its page (its old chunk is not re-applied); the write
+    # letter has no url to re-request: refused, with the reason
+    assert rest.sent == {urls: 2}
+    assert [why for _, why in rest.refused] == [
+        "write letters re-request their page, and the letter has no usable url"
+    ]
+    assert run(read_topic(settings, chunks)) == [] and run(read_topic(settings, vectors)) == []
     got = run(read_topic(settings, urls))
-    assert len(got) == 4 and (letters["gone"].key, letters["gone"].value) in got
+    assert len(got) == 5 and (letters["gone"].key, letters["gone"].value) in got
+    again = [decode_url(v) for k, v in got if k == b"https://c.example/doc"]
+    assert [(r.url, r.force, r.source) for r in again] == [
+        ("https://c.example/doc", True, "redrive")
+    ]
     assert run(committed(settings, udlq)) == (5, "")
 
     last = run(redrive(settings, Filters()))
     assert last.sent == {} and last.total("already") == 0  # all below the committed offsets
-    assert len(run(read_topic(settings, urls))) == 4
+    assert last.refused == []  # a refused letter is handled: not offered again
+    assert len(run(read_topic(settings, urls))) == 5
 
 
 @pytest.mark.kafka
