@@ -24,8 +24,9 @@ def register(subparsers: Any) -> None:
         "webhooks",
         help="serve POST /v1/urls and /v1/github: signed webhooks onto the urls topic",
         description="Serve the webhook routes (POST /v1/urls, POST /v1/github, GET /healthz, "
-        "GET /readyz); a request is answered 202 once Kafka acknowledged its messages. "
-        "Secrets: RAGSTREAM_WEBHOOK_SECRET, RAGSTREAM_GITHUB_SECRET.",
+        "GET /readyz); a request is answered 202 once Kafka acknowledged its messages, a "
+        "repeated delivery 200 {duplicate: true}. /v1/urls signs '<timestamp>.<body>' "
+        "(X-Ragstream-Timestamp). Secrets: RAGSTREAM_WEBHOOK_SECRET, RAGSTREAM_GITHUB_SECRET.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=8088, help="port to listen on (default %(default)s)")

@@ -139,6 +139,27 @@ class Settings(BaseSettings):
         gt=0,
         description="Longest wait for Kafka to acknowledge a request's messages (else 503).",
     )
+    webhook_tolerance_s: int = Field(
+        default=300,
+        ge=1,
+        le=86_400,
+        description="Largest gap between POST /v1/urls' signed X-Ragstream-Timestamp and the "
+        "server's clock (else 401): how long a captured request could be replayed.",
+    )
+    webhook_dedup_s: int = Field(
+        default=86_400,
+        ge=60,
+        le=7 * 86_400,
+        description="How long delivery ids are remembered (a repeat publishes nothing), at least "
+        "2 x webhook_tolerance_s; also the oldest GitHub push accepted (by repository.pushed_at). "
+        "At most 7 days: the deliveries topic keeps records 8.",
+    )
+    webhook_dedup_max: int = Field(
+        default=200_000,
+        ge=100,
+        description="Most delivery keys held in memory (about 250 bytes each, 1-2 per request); "
+        "past it the oldest are forgotten early, with a warning.",
+    )
 
     @property
     def milvus_target(self) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import signal
@@ -17,6 +19,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
+from subprocess import PIPE
 
 import orjson
 import pytest
@@ -25,12 +29,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ragstream import kafka_local
 from ragstream.errors import RagstreamError
-from ragstream.webhooks import create_app, glob_regex, sign, signature_ok
+from ragstream.webhooks import PUBLISHER, create_app, glob_regex, sign, signature_ok
 from streams.messages import UrlRequest, decode_url
 from streams.settings import Settings
 from streams.topics import URLS, topic_end_offsets
 
 SECRET = "generic-s3cret"
+SIG = "X-Ragstream-Signature-256"
 GH_SECRET = "github-s3cret"
 RAW = "http://127.0.0.1:9/raw"
 
@@ -58,8 +63,28 @@ async def serve(settings: Settings, ready: bool = True, **kw: bool) -> AsyncIter
         yield client
 
 
-def signed(body: bytes, secret: str = SECRET, header: str = "X-Ragstream-Signature-256") -> dict:
-    return {header: sign(secret, body), "Content-Type": "application/json"}
+def signed(
+    body: bytes,
+    secret: str = SECRET,
+    header: str = "X-Ragstream-Signature-256",
+    *,
+    ts: int | None = None,
+    delivery: str | None = None,
+) -> dict:
+    """Headers of a signed request. ``/v1/urls``' signature covers ``"<timestamp>.<body>"``;
+    computed here from the documented scheme, not by the module under test."""
+    if header != "X-Ragstream-Signature-256":  # GitHub's scheme: the body alone
+        return {header: sign(secret, body), "Content-Type": "application/json"}
+    ts = int(time.time()) if ts is None else ts
+    mac = hmac.new(secret.encode(), f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
+    headers = {
+        header: f"sha256={mac}",
+        "X-Ragstream-Timestamp": str(ts),
+        "Content-Type": "application/json",
+    }
+    if delivery is not None:
+        headers["X-Ragstream-Delivery"] = delivery
+    return headers
 
 
 async def published(settings: Settings) -> list[tuple[bytes, UrlRequest]]:
@@ -212,7 +237,13 @@ def test_urls_route(settings: Settings) -> None:
                 (401, "missing signature", ok, {"Content-Type": "application/json"}),
                 (401, "wrong signature", ok, signed(ok, secret="not-the-secret")),
                 (401, "wrong signature", ok, signed(ok + b" ")),
-                (401, "wrong signature", ok, {"X-Ragstream-Signature-256": sign(SECRET, ok)[7:]}),
+                (401, "wrong signature", ok, {**signed(ok), "X-Ragstream-Timestamp": "1"}),
+                (
+                    401,
+                    "wrong signature",
+                    ok,
+                    {**signed(ok), "X-Ragstream-Signature-256": signed(ok)[SIG][7:]},
+                ),
                 (401, "missing", ok, signed(ok, secret=SECRET, header="X-Hub-Signature-256")),
             ]
             big = orjson.dumps({"urls": [f"https://example.com/{i:05d}" for i in range(400)]})
@@ -374,6 +405,246 @@ def test_github_route(settings: Settings) -> None:
             resp = await client.post("/v1/github", data=body, headers=gh(body, "issues"))
             assert resp.status == 202 and await resp.json() == {"ignored": "issues"}
             assert await count(settings) == before  # nothing more was published
+
+    asyncio.run(scenario())
+
+
+# --- replays (issue 8) -------------------------------------------------------------------
+
+
+def gh_push(body: bytes, delivery: str) -> dict:
+    return {**gh(body), "X-GitHub-Delivery": delivery}
+
+
+def test_delivery_log() -> None:
+    """Pure: claimed keys are in flight until committed or released; expiry; the size cap."""
+    from ragstream.webhooks import DeliveryLog
+
+    log = DeliveryLog(retention_s=100, max_entries=3)
+    assert log.claim(["a", "b"], now=0) is None
+    assert log.claim(["b"], now=1) == "busy"  # in flight: neither new nor a known duplicate
+    log.release(["a", "b"])  # publishing failed: the sender's retry must go through
+    assert log.claim(["b", "c"], now=2) is None
+    log.commit(["b", "c"], now=3)
+    assert log.claim(["c"], now=4) == "duplicate"
+    assert log.claim(["x", "b"], now=4) == "duplicate"  # any known key is enough
+    assert log.claim(["c"], now=103.5) is None  # expired after the retention
+    log.release(["c"])
+    log.remember("old", at=0, now=200)  # read back from the topic, already expired
+    assert "old" not in log
+    for i, key in enumerate(["k1", "k2", "k3", "k4"]):
+        log.remember(key, at=300 + i, now=300 + i)
+    assert len(log) == 3 and "k1" not in log and log.evicted_early == 1  # oldest dropped
+
+
+def test_every_url_is_validated() -> None:
+    """Pure: a bad 3rd message is found, not only a bad 1st (the old check validated the
+    first message against the schema and the others' URL length only)."""
+    from ragstream.webhooks import BadRequest, check_requests, plan_urls
+
+    ok = [UrlRequest(url=f"https://example.com/{i}", source="x") for i in range(2)]
+    bad = UrlRequest(url="https://example.com/2", source="s" * 300)
+    with pytest.raises(BadRequest, match=r"urls\[2\]"):
+        check_requests([*ok, bad], ["urls[0]", "urls[1]", "urls[2]"])
+    for url in ["http://exa mple.com/", "https://example.com/a\nb", "https://ex\x00.com/"]:
+        with pytest.raises(BadRequest, match=r"urls\[2\]"):
+            plan_urls({"urls": ["https://example.com/0", "https://example.com/1", url]})
+
+
+@pytest.mark.kafka
+def test_timestamp_window(settings: Settings) -> None:
+    """/v1/urls signs a timestamp: outside the tolerance, or a signature of the body alone
+    (replayable forever), is 401 with a message saying what to send; nothing is published."""
+    settings = configured(settings, webhook_tolerance_s=60)
+    body = b'{"urls": ["https://example.com/stamped"]}'
+
+    async def scenario() -> None:
+        async with serve(settings) as client:
+            now = int(time.time())
+            old_style = {SIG: sign(SECRET, body), "Content-Type": "application/json"}
+            refused = [
+                (signed(body, ts=now - 120), "tolerance is 60"),
+                (signed(body, ts=now + 120), "in the future"),
+                (old_style, "missing X-Ragstream-Timestamp"),
+                ({**old_style, "X-Ragstream-Timestamp": str(now)}, "signs the body alone"),
+                ({**signed(body), "X-Ragstream-Timestamp": "soon"}, "unix seconds"),
+            ]
+            for headers, message in refused:
+                resp = await client.post("/v1/urls", data=body, headers=headers)
+                text = await resp.text()
+                assert resp.status == 401, text
+                assert message in json.loads(text)["error"], text
+            assert await count(settings) == 0
+            resp = await client.post("/v1/urls", data=body, headers=signed(body, ts=now - 50))
+            assert resp.status == 202, await resp.text()
+            assert await count(settings) == 1
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.kafka
+def test_third_url_bad_publishes_nothing(settings: Settings) -> None:
+    settings = configured(settings)
+    good = ["https://example.com/1", "https://example.com/2"]
+
+    async def scenario() -> None:
+        async with serve(settings) as client:
+            for bad in ["http://exa mple.com/x", "https://example.com/a\nb", "mailto:x@y.z"]:
+                body = orjson.dumps({"urls": [*good, bad]})
+                resp = await client.post("/v1/urls", data=body, headers=signed(body))
+                text = await resp.text()
+                assert resp.status == 400, text
+                assert json.loads(text)["error"].startswith("urls[2]: "), text
+            assert await count(settings) == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.kafka
+def test_replayed_urls_request(settings: Settings) -> None:
+    """A repeat publishes nothing: the same signed request (whatever delivery header it is
+    given, or however the signature is spelt) and a retry carrying the same delivery id."""
+    settings = configured(settings)
+    body = b'{"urls": ["https://example.com/once"]}'
+
+    async def scenario() -> None:
+        async with serve(settings) as client:
+            first = signed(body, delivery="evt-1")
+            resp = await client.post("/v1/urls", data=body, headers=first)
+            assert resp.status == 202 and await resp.json() == {"accepted": 1}
+            upper = {**first, SIG: "SHA256=" + first[SIG][7:].upper()}
+            for headers in [
+                first,  # an exact replay
+                {**first, "X-Ragstream-Delivery": "evt-forged"},  # the id is not signed
+                {k: v for k, v in first.items() if k != "X-Ragstream-Delivery"},
+                upper,
+                signed(body, ts=int(time.time()) + 5, delivery="evt-1"),  # the sender's retry
+            ]:
+                resp = await client.post("/v1/urls", data=body, headers=headers)
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["duplicate"] is True
+            assert await count(settings) == 1
+            # The same URLs as a new request (new timestamp, no or another id) are published.
+            later = signed(body, ts=int(time.time()) + 7, delivery="evt-2")
+            resp = await client.post("/v1/urls", data=body, headers=later)
+            assert resp.status == 202, await resp.text()
+            assert await count(settings) == 2
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.kafka
+def test_replayed_push_does_not_delete_a_restored_page(settings: Settings) -> None:
+    """A captured push that removed a file, replayed after the file was restored, publishes
+    nothing: the last word on the page stays the restoring push (a delete message would
+    remove it from the index). A forged X-GitHub-Delivery does not help: the body is a key."""
+    settings = configured(settings, github_globs="docs/**/*.md")
+    url = f"{RAW}/acme/handbook/main/docs/a.md"
+    removal = push("refs/heads/main", [{"removed": ["docs/a.md"]}])
+    restore = push("refs/heads/main", [{"added": ["docs/a.md"]}]).replace(b"2222", b"3333")
+
+    async def scenario() -> None:
+        async with serve(settings) as client:
+            for body, delivery in [(removal, "guid-1"), (restore, "guid-2")]:
+                resp = await client.post("/v1/github", data=body, headers=gh_push(body, delivery))
+                assert resp.status == 202 and await resp.json() == {"accepted": 1}
+            for delivery in ["guid-1", "guid-3"]:
+                resp = await client.post(
+                    "/v1/github", data=removal, headers=gh_push(removal, delivery)
+                )
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["duplicate"] is True
+            got = [r for _, r in await published(settings) if r.url == url]
+            assert [r.delete for r in got] == [True, False]  # the page stays
+            # A push older than the retention may have been forgotten: refused outright.
+            stale = orjson.loads(removal)
+            stale["repository"]["pushed_at"] = int(time.time()) - settings.webhook_dedup_s - 60
+            body = orjson.dumps(stale)
+            resp = await client.post("/v1/github", data=body, headers=gh_push(body, "guid-4"))
+            assert resp.status == 401 and "pushed_at" in (await resp.json())["error"]
+            fresh = {**stale, "repository": {**stale["repository"], "pushed_at": time.time()}}
+            body = orjson.dumps(fresh)
+            resp = await client.post("/v1/github", data=body, headers=gh_push(body, "guid-5"))
+            assert resp.status == 202, await resp.text()
+            assert await count(settings) == 3
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.kafka
+def test_delivery_ids_survive_a_restart(settings: Settings) -> None:
+    """Ids persist in <prefix>webhooks.deliveries: a new server reads them before it is
+    ready, and a running one follows what its peers write."""
+    settings = configured(settings)
+    body = b'{"urls": ["https://example.com/restart"]}'
+    headers = signed(body, delivery="evt-r")
+    pushed = push("refs/heads/main", [{"removed": ["README.md"]}])
+
+    async def scenario() -> None:
+        async with serve(settings) as client:
+            resp = await client.post("/v1/urls", data=body, headers=headers)
+            assert resp.status == 202, await resp.text()
+            resp = await client.post("/v1/github", data=pushed, headers=gh_push(pushed, "g-1"))
+            assert resp.status == 202, await resp.text()
+        assert await count(settings) == 2
+        async with serve(settings) as client, serve(settings) as peer:  # two new processes
+            resp = await client.post("/v1/urls", data=body, headers=headers)
+            assert resp.status == 200 and (await resp.json())["duplicate"] is True
+            resp = await client.post("/v1/github", data=pushed, headers=gh_push(pushed, "g-1"))
+            assert resp.status == 200 and (await resp.json())["duplicate"] is True
+            new = b'{"urls": ["https://example.com/peer"]}'
+            new_headers = signed(new, delivery="evt-p")
+            resp = await client.post("/v1/urls", data=new, headers=new_headers)
+            assert resp.status == 202, await resp.text()
+            peer_log = peer.server.app[PUBLISHER].deliveries.log
+            deadline = time.monotonic() + 10
+            while "urls:id:evt-p" not in peer_log:  # the peer follows the topic
+                assert time.monotonic() < deadline, "the peer never learned the id"
+                await asyncio.sleep(0.1)
+            resp = await peer.post("/v1/urls", data=new, headers=new_headers)
+            assert resp.status == 200 and (await resp.json())["duplicate"] is True
+        assert await count(settings) == 3
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.kafka
+def test_documented_curl_examples(settings: Settings) -> None:
+    """The shell examples of README.md and docs/webhooks.md, run as written (port aside)."""
+    settings = configured(settings)
+    root = Path(__file__).resolve().parent.parent
+
+    def snippet(doc: str, start: str, host: str, port: int) -> str:
+        text = (root / doc).read_text()
+        block = text[text.index(start) :]
+        block = block[: block.index("```")]
+        return block.replace(host, f"127.0.0.1:{port}")
+
+    async def scenario() -> None:
+        async with serve(settings) as client:
+            scripts = [
+                snippet("README.md", "body='", "localhost:8088", client.port),
+                snippet(
+                    "docs/webhooks.md",
+                    'SECRET="$RAGSTREAM_WEBHOOK_SECRET"',
+                    "127.0.0.1:8088",
+                    client.port,
+                ),
+            ]
+            env = {**os.environ, "RAGSTREAM_WEBHOOK_SECRET": SECRET}
+            for script in scripts:
+                proc = await asyncio.create_subprocess_exec(
+                    "bash", "-euo", "pipefail", "-c", script, env=env, stdout=PIPE, stderr=PIPE
+                )
+                try:
+                    async with asyncio.timeout(30):
+                        out, err = await proc.communicate()
+                finally:
+                    if proc.returncode is None:
+                        proc.kill()
+                assert proc.returncode == 0, err.decode()
+                assert b'{"accepted":1}' in out, (script, out, err)
+            assert await count(settings) == 2
 
     asyncio.run(scenario())
 
