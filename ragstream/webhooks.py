@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import ipaddress
 import logging
 import re
 import time
@@ -59,6 +60,8 @@ GITHUB_DELIVERY = "X-GitHub-Delivery"
 
 #: Seconds /readyz waits for the broker's metadata before answering 503.
 READY_TIMEOUT_S = 3.0
+#: Longest time reading ``webhooks.deliveries`` at startup may take before it is retried.
+LOAD_TIMEOUT_S = 120.0
 #: First and longest delay between attempts to reach Kafka at startup.
 CONNECT_BACKOFF_S = (0.5, 10.0)
 
@@ -185,7 +188,16 @@ def _url_validator() -> Draft202012Validator:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: A host name after normalisation (lowercase, IDNA): letters, digits, ``-``, ``_``, ``.``.
 _HOST_NAME = re.compile(r"[a-z0-9_.-]*[a-z0-9][a-z0-9_.-]*\Z")
-_HOST_IPV6 = re.compile(r"\[[0-9a-f:.]+\]\Z")
+
+
+def _host_ok(host: str) -> bool:
+    if _HOST_NAME.match(host):
+        return True
+    try:
+        ipaddress.ip_address(host)  # an IPv6 literal (brackets already removed)
+    except ValueError:
+        return False
+    return True
 
 
 def check_url(url: str, where: str) -> str:
@@ -205,8 +217,7 @@ def check_url(url: str, where: str) -> str:
         normal = normalize_url(url)
     except ValueError as exc:
         raise BadRequest(f"{where}: {exc}") from None
-    host = urlsplit(normal).netloc.rsplit("@", 1)[-1]
-    if not (_HOST_IPV6.match(host) or _HOST_NAME.match(host.rsplit(":", 1)[0])):
+    if not _host_ok(urlsplit(normal).hostname or ""):
         raise BadRequest(f"{where}: URL host is not a valid host name: {url!r}")
     if len(normal) > limit:
         raise BadRequest(
@@ -523,11 +534,15 @@ class Deliveries:
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
             n = 0
-            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-                for records in (await consumer.getmany(timeout_ms=1000)).values():
-                    for r in records:
-                        self._apply(r.key, r.value, r.timestamp)
-                        n += 1
+            async with asyncio.timeout(LOAD_TIMEOUT_S):  # a stall is reported and retried
+                while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+                    for records in (await consumer.getmany(timeout_ms=1000)).values():
+                        for r in records:
+                            self._apply(r.key, r.value, r.timestamp)
+                            n += 1
+        except TimeoutError:
+            await consumer.stop()
+            raise TimeoutError(f"{self.topic} not read to its end in {LOAD_TIMEOUT_S} s") from None
         except BaseException:
             await consumer.stop()
             raise
@@ -546,7 +561,7 @@ class Deliveries:
                 raise
             except Exception as exc:  # keep following; the next getmany retries
                 log.warning("reading %s: %s: %s", self.topic, type(exc).__name__, exc)
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(CONNECT_BACKOFF_S[1])
 
     async def record(self, producer: AIOKafkaProducer, keys: list[str], route: str) -> None:
         """Persist ``keys`` (after the request's own messages were acknowledged). A failure is

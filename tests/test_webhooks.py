@@ -437,6 +437,15 @@ def test_delivery_log() -> None:
     assert len(log) == 3 and "k1" not in log and log.evicted_early == 1  # oldest dropped
 
 
+def test_urls_headers_match_the_documented_scheme() -> None:
+    """The helper senders can import signs exactly what docs/webhooks.md says."""
+    from ragstream.webhooks import urls_headers
+
+    body = b'{"urls": ["https://example.com/"]}'
+    got = urls_headers(SECRET, body, timestamp=1_700_000_000, delivery="d-1")
+    assert got == signed(body, ts=1_700_000_000, delivery="d-1")
+
+
 def test_every_url_is_validated() -> None:
     """Pure: a bad 3rd message is found, not only a bad 1st (the old check validated the
     first message against the schema and the others' URL length only)."""
@@ -449,6 +458,8 @@ def test_every_url_is_validated() -> None:
     for url in ["http://exa mple.com/", "https://example.com/a\nb", "https://ex\x00.com/"]:
         with pytest.raises(BadRequest, match=r"urls\[2\]"):
             plan_urls({"urls": ["https://example.com/0", "https://example.com/1", url]})
+    for url in ["http://[::1]:8080/a", "http://user@Example.com:81/x", "https://bücher.de/"]:
+        assert len(plan_urls({"urls": [url]})) == 1  # valid hosts of other forms pass
 
 
 @pytest.mark.kafka
