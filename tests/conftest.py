@@ -59,6 +59,9 @@ def settings(broker: str, tmp_path: Path) -> Settings:
         window_s=1.0,
         fetch_backoff_s=0.1,
         fetch_timeout_s=5.0,
+        # The SSRF guard is on by default: tests serve from 127.0.0.1 and allow exactly that
+        # (127.0.0.2 stays forbidden: the SSRF tests keep their secret there).
+        fetch_allow="127.0.0.1/32",
     )
 
 
