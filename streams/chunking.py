@@ -13,6 +13,13 @@ whitespace. Chunks are slices of the original text, so they are exact substrings
 (``text[start:end]``), and consecutive chunks share ``overlap`` tokens of context. A slice can
 re-tokenize differently from the same tokens inside the whole text (a word cut in the middle
 starts a fresh word), so every chunk is re-counted and, if over budget, shortened.
+
+Tokens are not the only bound: one token can hide megabytes (WordPiece maps any word over 100
+characters to one ``[UNK]``; a whitespace run between two tokens belongs to no token), and a
+chunk becomes a Kafka message and a Milvus VARCHAR. So every chunk is also at most
+``max_chars`` characters and ``max_bytes`` UTF-8 bytes, by construction: a span over either
+cap is cut again (at a blank line, line end or space in its second half, else after
+punctuation, else anywhere), and each piece is still an exact substring of the text.
 """
 
 from __future__ import annotations
@@ -29,7 +36,14 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["Chunker", "model_input_limit"]
+__all__ = ["CHUNK_MAX_BYTES", "CHUNK_MAX_CHARS", "Chunker", "model_input_limit"]
+
+#: Defaults of ``Settings.chunk_max_chars`` / ``chunk_max_bytes`` (a test keeps them equal).
+#: 8192 BGE-M3 tokens of English are about 35,000 characters, of CJK about 37,000 bytes; 60,000
+#: bytes stay under Milvus' 65,535-byte VARCHAR and, even if every byte were JSON-escaped to
+#: two, a ``chunks`` or ``vectors`` message stays far below Kafka's 1 MB default.
+CHUNK_MAX_CHARS = 48_000
+CHUNK_MAX_BYTES = 60_000
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +158,45 @@ def _segments(text: str, size: int) -> list[tuple[int, int]]:
     return out
 
 
+def _cut(text: str, s: int, e: int, max_chars: int, max_bytes: int) -> list[tuple[int, int]]:
+    """``[s, e)`` as pieces of at most ``max_chars`` characters and ``max_bytes`` UTF-8 bytes,
+    without leading or trailing whitespace, in order; linear in ``e - s``.
+
+    Each cut lands in the second half of the room a piece has: at a blank line if there is
+    one, else a line end, else a space or tab, else after punctuation, else anywhere.
+    """
+    out: list[tuple[int, int]] = []
+    pos = s
+    while pos < e:
+        while pos < e and text[pos].isspace():
+            pos += 1
+        if pos >= e:
+            break
+        hi = min(e, pos + max_chars)
+        raw = text[pos:hi].encode("utf-8", "surrogatepass")
+        if len(raw) > max_bytes:  # the characters whose bytes fit (a cut character is dropped)
+            hi = pos + max(1, len(raw[:max_bytes].decode("utf-8", "ignore")))
+        cut = e
+        if hi < e:
+            lo = pos + (hi - pos) // 2
+            cut = -1
+            for sep in ("\n\n", "\n", " ", "\t"):
+                cut = text.rfind(sep, lo, hi)
+                if cut > pos:
+                    break
+            if cut <= pos:
+                cut = next((c + 1 for c in range(hi - 1, lo - 1, -1) if not text[c].isalnum()), hi)
+            if cut <= pos:
+                cut = hi
+        end = cut
+        while end > pos and text[end - 1].isspace():
+            end -= 1
+        if end > pos:
+            out.append((pos, end))
+        pos = cut
+    return out
+
+
 def _backend(tokenizer: Any) -> Tokenizer:
     """A private copy of the Rust tokenizer behind ``tokenizer``, without truncation/padding.
 
@@ -242,8 +295,20 @@ class Chunker:
     """
 
     def __init__(
-        self, tokenizer: Any, max_tokens: int, overlap: int, *, segment_chars: int = 1 << 18
+        self,
+        tokenizer: Any,
+        max_tokens: int,
+        overlap: int,
+        *,
+        segment_chars: int = 1 << 18,
+        max_chars: int = CHUNK_MAX_CHARS,
+        max_bytes: int = CHUNK_MAX_BYTES,
     ) -> None:
+        if max_chars < 16 or max_bytes < 64:
+            raise ValueError(
+                f"max_chars must be at least 16 and max_bytes at least 64, got {max_chars} "
+                f"and {max_bytes}"
+            )
         if segment_chars < 1024:
             raise ValueError(f"segment_chars must be at least 1024, got {segment_chars}")
         if max_tokens < 1:
@@ -257,9 +322,19 @@ class Chunker:
         self._max = max_tokens
         self._overlap = overlap
         self._segment_chars = segment_chars
+        self._max_chars = max_chars
+        self._max_bytes = max_bytes
 
     @classmethod
-    def from_model(cls, model_path: str, chunk_tokens: int = 0, overlap: int = 32) -> Chunker:
+    def from_model(
+        cls,
+        model_path: str,
+        chunk_tokens: int = 0,
+        overlap: int = 32,
+        *,
+        max_chars: int = CHUNK_MAX_CHARS,
+        max_bytes: int = CHUNK_MAX_BYTES,
+    ) -> Chunker:
         """A chunker for the model at ``model_path`` (a folder, a hub id, or the MiniLM alias).
 
         ``chunk_tokens=0`` fills what the model reads: its input limit minus the special
@@ -280,12 +355,50 @@ class Chunker:
                 f"chunk_tokens={chunk_tokens} exceeds what {model_path!r} reads: at most "
                 f"{capacity} tokens plus {specials} special tokens; the rest would be truncated"
             )
-        return cls(tokenizer, chunk_tokens or capacity, overlap)
+        return cls(
+            tokenizer, chunk_tokens or capacity, overlap, max_chars=max_chars, max_bytes=max_bytes
+        )
 
     @property
     def max_tokens(self) -> int:
         """Most tokens per chunk, special tokens not included."""
         return self._max
+
+    def tokenizer_json(self) -> str:
+        """The tokenizer as JSON: enough to rebuild this chunker elsewhere (a child process)
+        with :meth:`from_tokenizer_json`, without loading ``transformers``."""
+        return self._tok.to_str()
+
+    @classmethod
+    def from_tokenizer_json(
+        cls,
+        tokenizer_json: str,
+        max_tokens: int,
+        overlap: int,
+        *,
+        max_chars: int = CHUNK_MAX_CHARS,
+        max_bytes: int = CHUNK_MAX_BYTES,
+    ) -> Chunker:
+        """The chunker :meth:`tokenizer_json` came from (same tokens, same chunks)."""
+        from tokenizers import Tokenizer
+
+        return cls(
+            Tokenizer.from_str(tokenizer_json),
+            max_tokens,
+            overlap,
+            max_chars=max_chars,
+            max_bytes=max_bytes,
+        )
+
+    @property
+    def max_chars(self) -> int:
+        """Most characters per chunk."""
+        return self._max_chars
+
+    @property
+    def max_bytes(self) -> int:
+        """Most UTF-8 bytes per chunk."""
+        return self._max_bytes
 
     @property
     def overlap(self) -> int:
@@ -312,7 +425,8 @@ class Chunker:
         """``(start, end)`` character offsets of the chunks (``text[start:end]``), in order.
 
         Every non-whitespace character of ``text`` lies in at least one span; spans have no
-        leading or trailing whitespace.
+        leading or trailing whitespace; each is within ``max_tokens``, ``max_chars`` and
+        ``max_bytes``.
         """
         if not text or text.isspace():
             return []
@@ -341,7 +455,47 @@ class Chunker:
             k = self._shrink(doc, i, k)
             spans.append(doc.span(i, k))
             plan, pos = self._plan(doc, self._next_start(doc, i, k), k), 0
-        return [(s, e) for s, e in spans if s < e]
+        return self._capped(text, [(s, e) for s, e in spans if s < e])
+
+    def _fits(self, text: str, s: int, e: int) -> bool:
+        n = e - s
+        if n > self._max_chars:
+            return False
+        return n * 4 <= self._max_bytes or len(text[s:e].encode("utf-8", "surrogatepass")) <= (
+            self._max_bytes
+        )
+
+    def _capped(self, text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """``spans`` with every span over the character or byte cap cut into pieces within
+        both, each piece re-counted (a piece of a word can tokenize longer than in context)."""
+        if all(self._fits(text, s, e) for s, e in spans):
+            return spans
+        out: list[tuple[int, int]] = []
+        for s, e in spans:
+            if self._fits(text, s, e):
+                out.append((s, e))
+            else:
+                out.extend(self._pieces(text, s, e, self._max_chars))
+        return out
+
+    def _pieces(self, text: str, s: int, e: int, max_chars: int) -> list[tuple[int, int]]:
+        """``[s, e)`` cut within the caps; a piece over the token budget is cut again in
+        halves. The span came from one token window, so its pieces hold about ``max_tokens``
+        tokens in all: counting them at once is cheap."""
+        pieces = _cut(text, s, e, max_chars, self._max_bytes)
+        counts = self.count_tokens([text[a:b] for a, b in pieces])
+        out: list[tuple[int, int]] = []
+        for (a, b), count in zip(pieces, counts, strict=True):
+            if count <= self._max:
+                out.append((a, b))
+            elif b - a <= 1:
+                raise ValueError(
+                    f"the character at offset {a} tokenizes to {count} tokens, more than "
+                    f"max_tokens={self._max}"
+                )
+            else:
+                out.extend(self._pieces(text, a, b, max(1, (b - a) // 2)))
+        return out
 
     # --- layout -----------------------------------------------------------------------
 

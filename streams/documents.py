@@ -6,9 +6,31 @@ from __future__ import annotations
 import dataclasses
 
 from streams.chunking import Chunker
-from streams.extract import extract_text
+from streams.extract import MAX_DEPTH, MAX_TEXT_CHARS, TooManyChunks, extract_text
 from streams.ids import doc_id, text_hash
 from streams.messages import Chunk, utcnow
+from streams.settings import Settings
+
+#: Default of ``Settings.chunk_max_per_page`` (a test keeps them equal).
+MAX_CHUNKS_PER_PAGE = 10_000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PageLimits:
+    """What one page may cost to extract and chunk (docs/security.md); over it, the page is
+    refused with a ``PageRefused`` naming the limit."""
+
+    text_chars: int = MAX_TEXT_CHARS
+    depth: int = MAX_DEPTH
+    chunks: int = MAX_CHUNKS_PER_PAGE
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PageLimits:
+        return cls(
+            text_chars=settings.extract_max_chars,
+            depth=settings.extract_max_depth,
+            chunks=settings.chunk_max_per_page,
+        )
 
 
 def page_chunks(
@@ -17,14 +39,25 @@ def page_chunks(
     content_type: str | None,
     chunker: Chunker,
     fetched_at: str | None = None,
+    *,
+    limits: PageLimits = PageLimits(),  # frozen: one shared default is safe
 ) -> list[Chunk]:
-    """The ``upsert`` chunks of one page (raises ``UnsupportedContent`` for non-text).
+    """The ``upsert`` chunks of one page.
+
+    Raises a ``PageRefused`` (``streams.extract``) whose ``error_class`` is the dead-letter
+    class: ``unsupported_content``, ``too_large``, ``too_deep``, ``too_many_chunks``.
 
     A page with no text yields no chunks; the caller still sends a trim to count 0 so a
     page that became empty loses its old chunks.
     """
-    extracted = extract_text(body, content_type, url)
+    extracted = extract_text(
+        body, content_type, url, max_chars=limits.text_chars, max_depth=limits.depth
+    )
     texts = chunker.chunk(extracted.text)
+    if len(texts) > limits.chunks:
+        raise TooManyChunks(
+            f"the page makes {len(texts)} chunks, more than the limit {limits.chunks}"
+        )
     did = doc_id(url)
     when = fetched_at or utcnow()
     dhash = text_hash(extracted.text)

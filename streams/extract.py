@@ -8,6 +8,16 @@ Blocks (paragraphs, headings, list items, code) come out separated by newlines: 
 between paragraphs, headings and code blocks, one newline between list items, table rows and
 ``<br>`` lines. The chunker prefers to cut at blank lines, so this is what keeps a chunk from
 starting in the middle of a paragraph.
+
+Bounded, because pages are untrusted (docs/security.md): only charsets from a safe list are
+used to decode (others read as UTF-8 with replacement: ``punycode``, ``idna``, ``utf-7``,
+``rot13`` and friends are not how web pages are written, and some decode in quadratic time);
+control characters other than ``\n`` and ``\t`` are dropped (JSON escapes each as six bytes,
+and they are never text); whitespace runs longer than ``MAX_SPACE_RUN`` become one space; an
+HTML tree deeper than ``max_depth`` elements is refused before anything walks it; text over
+``max_chars`` is refused. Each refusal is a ``PageRefused`` whose ``error_class`` names the
+dead-letter class. What bounds the HTML parser itself (its tree building costs depth x tags)
+is the deadline of the process that runs extraction (``agents/extractor.py``).
 """
 
 from __future__ import annotations
@@ -20,15 +30,66 @@ from urllib.parse import urlsplit
 
 from selectolax.lexbor import LexborHTMLParser, LexborNode
 
-__all__ = ["Extracted", "UnsupportedContent", "extract_text"]
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_TEXT_CHARS",
+    "ExtractTimeout",
+    "Extracted",
+    "PageRefused",
+    "PageTooDeep",
+    "PageTooLarge",
+    "TooManyChunks",
+    "UnsupportedContent",
+    "extract_text",
+]
+
+#: Defaults of ``Settings.extract_max_chars`` / ``extract_max_depth`` (kept equal by a test).
+MAX_TEXT_CHARS = 4_000_000
+MAX_DEPTH = 512
+#: Longest run of whitespace (newlines aside) kept as is; longer runs become one space.
+MAX_SPACE_RUN = 100
+#: Most characters of a title (Milvus stores at most 512 bytes of it; the writer cuts bytes).
+MAX_TITLE_CHARS = 512
 
 
-class UnsupportedContent(ValueError):
-    """The body is not text we can index (an image, a PDF, an opaque binary...).
+class PageRefused(ValueError):
+    """A page that will not be indexed, and why: ``error_class`` is its dead-letter class.
 
-    A ``ValueError`` so a caller that dead-letters bad input catches it with the rest; its
-    own type so a caller can tell "not indexable" from "broken".
+    A ``ValueError`` so a caller that dead-letters bad input catches it with the rest; the
+    subclasses are the documented ways a page is refused (the fuzz test allows no other).
     """
+
+    error_class = "extract"
+
+
+class UnsupportedContent(PageRefused):
+    """The body is not text we can index (an image, a PDF, an opaque binary...)."""
+
+    error_class = "unsupported_content"
+
+
+class PageTooLarge(PageRefused):
+    """The extracted text is longer than the limit (``RAGSTREAM_EXTRACT_MAX_CHARS``)."""
+
+    error_class = "too_large"
+
+
+class PageTooDeep(PageRefused):
+    """The HTML nests elements deeper than the limit (``RAGSTREAM_EXTRACT_MAX_DEPTH``)."""
+
+    error_class = "too_deep"
+
+
+class TooManyChunks(PageRefused):
+    """The page would make more chunks than the limit (``RAGSTREAM_CHUNK_MAX_PER_PAGE``)."""
+
+    error_class = "too_many_chunks"
+
+
+class ExtractTimeout(PageRefused):
+    """Extracting and chunking the page took longer than ``RAGSTREAM_EXTRACT_DEADLINE_S``."""
+
+    error_class = "extract_timeout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +121,46 @@ _BOMS = (
 #: What browsers do (WHATWG Encoding): these labels mean windows-1252, whose 0x80-0x9F are
 #: curly quotes and dashes rather than invisible C1 controls.
 _WINDOWS_1252_ALIASES = frozenset({"latin_1", "ascii", "iso8859-1"})
+#: Python codec names of the WHATWG Encoding standard's encodings (what browsers decode pages
+#: with), plus ``utf-8-sig``. Any other label reads as UTF-8: Python also knows text
+#: transforms (``punycode``, ``idna``, ``rot13``, ``utf-7``, ``raw_unicode_escape``...) that
+#: no page is written in, some quadratic in time, some yielding lone surrogates.
+_SAFE_CODECS = frozenset(
+    {
+        "utf-8",
+        "utf-8-sig",
+        "utf-16",
+        "utf-16-le",
+        "utf-16-be",
+        "cp1252",
+        "cp866",
+        "cp874",
+        "cp1250",
+        "cp1251",
+        "cp1253",
+        "cp1254",
+        "cp1255",
+        "cp1256",
+        "cp1257",
+        "cp1258",
+        *(f"iso8859-{n}" for n in (2, 3, 4, 5, 6, 7, 8, 10, 13, 14, 15, 16)),
+        "koi8-r",
+        "koi8-u",
+        "mac-roman",
+        "mac-cyrillic",
+        "gbk",
+        "gb2312",
+        "gb18030",
+        "big5",
+        "big5hkscs",
+        "euc_jp",
+        "iso2022_jp",
+        "shift_jis",
+        "cp932",
+        "euc_kr",
+        "cp949",
+    }
+)
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9._:\-]+)""", re.I)
 _SNIFF_HTML = re.compile(
     rb"^(?:\xef\xbb\xbf)?\s*(?:<!--.*?-->\s*)*<(?:!doctype\s+html|html)[\s>]", re.I | re.S
@@ -79,14 +180,16 @@ def _parse_content_type(content_type: str | None) -> tuple[str, dict[str, str]]:
 
 
 def _codec(label: str | None) -> str | None:
-    """Python's codec name for a charset label, or None for an unknown one."""
-    if not label:
+    """Python's codec name for a charset label, or None for an unknown or unsafe one."""
+    if not label or len(label) > 64:
         return None
     try:
         name = codecs.lookup(label.strip()).name
     except LookupError:
         return None
-    return "cp1252" if name in _WINDOWS_1252_ALIASES else name
+    if name in _WINDOWS_1252_ALIASES:
+        return "cp1252"
+    return name if name in _SAFE_CODECS else None
 
 
 def _decode(body: bytes, charset: str | None, is_html: bool) -> str:
@@ -115,15 +218,34 @@ _MD_ATX = re.compile(r"^\s{0,3}#\s+(.+?)\s*#*\s*$")
 _MD_SETEXT = re.compile(r"^\s{0,3}(=+|-+)\s*$")
 
 
+#: Dropped: C0 controls but ``\t``/``\n``, DEL, C1 controls, and lone surrogates (orjson
+#: cannot encode them, and a message that cannot be encoded would stop the stage).
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f\ud800-\udfff]+")
+_NEWLINES = str.maketrans({"\r": "\n", "\x0b": "\n", "\x0c": "\n"})
+_SPACE_RUN = re.compile(rf"[^\S\n]{{{MAX_SPACE_RUN + 1},}}")
+_BLANK_LINES = re.compile(r"\n{4,}")
+
+
+def sanitize(text: str) -> str:
+    """Text fit for a JSON message and a chunker: no control characters, no huge space runs.
+
+    ``\\r``, vertical tab and form feed become newlines (they separate lines or pages);
+    other controls go. Linear in the text (regular expressions without backtracking).
+    """
+    text = text.replace("\r\n", "\n").translate(_NEWLINES)
+    text = _CONTROL.sub("", text)
+    return _SPACE_RUN.sub(" ", text)
+
+
 def normalize_text(text: str) -> str:
     """``\\n`` newlines, no trailing spaces, at most two blank lines in a row, no blank ends.
 
     Keeps leading indentation: in reStructuredText and Markdown it carries meaning (code and
     literal blocks).
     """
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = sanitize(text)
     text = "\n".join(line.rstrip() for line in text.split("\n"))
-    text = re.sub(r"\n{4,}", "\n\n\n", text)
+    text = _BLANK_LINES.sub("\n\n\n", text)
     return text.strip("\n")
 
 
@@ -461,12 +583,29 @@ def _render(root: LexborNode) -> str:
 def _clean_title(raw: str | None) -> str | None:
     if raw is None:
         return None
-    title = _SPACE.sub(" ", raw).strip()
-    return title or None
+    title = _SPACE.sub(" ", _CONTROL.sub("", raw[: MAX_TITLE_CHARS * 8])).strip()
+    return title[:MAX_TITLE_CHARS].rstrip() or None
 
 
-def _extract_html(html: str) -> Extracted:
+def _deeper_than(root: LexborNode, limit: int) -> bool:
+    """Whether any element lies more than ``limit`` levels below ``root``.
+
+    Runs before anything that walks ancestors (boilerplate stripping), so those walks cost at
+    most ``limit`` steps each. Iterative, one visit per element, stops at the first too deep.
+    """
+    stack: list[tuple[LexborNode, int]] = [(root, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in node.iter(include_text=False))
+    return False
+
+
+def _extract_html(html: str, max_depth: int = MAX_DEPTH) -> Extracted:
     tree = LexborHTMLParser(html)
+    if tree.root is not None and _deeper_than(tree.root, max_depth):
+        raise PageTooDeep(f"HTML nests elements more than {max_depth} levels deep")
     title_node = tree.css_first("head > title") or tree.css_first("title")
     title = _clean_title(title_node.text(deep=True)) if title_node is not None else None
     first_h1 = tree.css_first("h1")
@@ -478,7 +617,8 @@ def _extract_html(html: str) -> Extracted:
     if title is None:
         h1 = root.css_first("h1")  # the content's own heading beats a logo <h1> in a banner
         title = (_clean_title(h1.text(deep=True)) if h1 is not None else None) or doc_h1
-    return Extracted(text=_render(root), title=title, kind="html")
+    text = _BLANK_LINES.sub("\n\n\n", sanitize(_render(root))).strip()
+    return Extracted(text=text, title=title, kind="html")
 
 
 # --- dispatch -----------------------------------------------------------------------------
@@ -532,7 +672,14 @@ def _classify(mime: str, body: bytes, url: str) -> tuple[str, str]:
     raise UnsupportedContent(f"unsupported content type (none given, binary body) for {url}")
 
 
-def extract_text(body: bytes, content_type: str | None, url: str) -> Extracted:
+def extract_text(
+    body: bytes,
+    content_type: str | None,
+    url: str,
+    *,
+    max_chars: int = MAX_TEXT_CHARS,
+    max_depth: int = MAX_DEPTH,
+) -> Extracted:
     """The indexable text of a fetched body, with its title.
 
     HTML: the main content only (``<main>``/``[role=main]``/the one ``<article>``, else
@@ -542,13 +689,21 @@ def extract_text(body: bytes, content_type: str | None, url: str) -> Extracted:
     newlines; title from the first heading (``# `` in Markdown, an underlined line in
     reStructuredText), else the first non-empty line.
 
-    Raises ``UnsupportedContent`` (a ``ValueError``) for types that are not text, naming
-    the type, so the caller can dead-letter the URL with a reason.
+    Raises a ``PageRefused`` (a ``ValueError``) naming the reason, so the caller can
+    dead-letter the URL with its ``error_class``: ``UnsupportedContent`` for types that are
+    not text, ``PageTooDeep`` for HTML nested over ``max_depth``, ``PageTooLarge`` for text
+    over ``max_chars`` characters.
     """
     mime, params = _parse_content_type(content_type)
     kind, flavor = _classify(mime, body, url)
     text = _decode(body, params.get("charset"), is_html=kind == "html")
     if kind == "html":
-        return _extract_html(text)
-    text = normalize_text(text)
-    return Extracted(text=text, title=_text_title(text, flavor), kind="text")
+        out = _extract_html(text, max_depth)
+    else:
+        text = normalize_text(text)
+        out = Extracted(text=text, title=_clean_title(_text_title(text, flavor)), kind="text")
+    if len(out.text) > max_chars:
+        raise PageTooLarge(
+            f"extracted text has {len(out.text)} characters, more than the limit {max_chars}"
+        )
+    return out

@@ -129,6 +129,50 @@ class Settings(BaseSettings):
         description="Tokens per chunk; 0 = what the model reads (its max sequence length).",
     )
     chunk_overlap: int = Field(default=32, ge=0, description="Tokens shared by adjacent chunks.")
+    chunk_max_chars: int = Field(
+        default=48_000,
+        ge=16,
+        description="Most characters per chunk, whatever its tokens (one token can hide "
+        "megabytes); a longer span is cut again.",
+    )
+    chunk_max_bytes: int = Field(
+        default=60_000,
+        ge=64,
+        description="Most UTF-8 bytes per chunk: under Milvus' 65,535-byte text field and far "
+        "under Kafka's 1 MB message limit, even JSON-escaped.",
+    )
+    chunk_max_per_page: int = Field(
+        default=10_000,
+        ge=1,
+        le=100_000,
+        description="Most chunks per page (chunk ids allow 0..99,999); a page over it is "
+        "dead-lettered (`too_many_chunks`).",
+    )
+    extract_max_chars: int = Field(
+        default=4_000_000,
+        ge=1,
+        description="Most characters of text extracted from one page; a page over it is "
+        "dead-lettered (`too_large`).",
+    )
+    extract_max_depth: int = Field(
+        default=512,
+        ge=1,
+        description="Deepest HTML element nesting read; a deeper page is dead-lettered "
+        "(`too_deep`).",
+    )
+    extract_deadline_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest extraction + chunking of one page, in a child process that is "
+        "killed past it; the page is dead-lettered (`extract_timeout`) and the pages behind it "
+        "on its partition wait no longer.",
+    )
+    extract_workers: int = Field(
+        default=2,
+        ge=1,
+        description="Child processes per fetch stage that extract and chunk pages (one hostile "
+        "page holds one of them at most extract_deadline_s).",
+    )
 
     # --- embed -------------------------------------------------------------------------
     model: str = Field(

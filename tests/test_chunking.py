@@ -381,3 +381,67 @@ def test_pieces_cut_without_whitespace_still_hold_the_invariants(tokenizer: Any)
     assert_invariants(chunker, text, spans, min_overlap=8)
     with pytest.raises(ValueError, match="segment_chars"):
         Chunker(tokenizer, 48, 8, segment_chars=10)
+
+
+# --- character and byte caps (issue 8: a token can hide megabytes) --------------------
+
+
+def assert_capped(chunker: Chunker, text: str) -> list[str]:
+    """Every chunk within all three caps, an exact stripped substring, in order, and every
+    non-whitespace character covered."""
+    spans = chunker.chunk_spans(text)
+    chunks = [text[s:e] for s, e in spans]
+    assert chunks
+    assert max(len(c) for c in chunks) <= chunker.max_chars
+    assert max(len(c.encode("utf-8", "surrogatepass")) for c in chunks) <= chunker.max_bytes
+    assert max(chunker.count_tokens(chunks)) <= chunker.max_tokens
+    assert all(c and c == c.strip() for c in chunks)
+    assert [s for s, _ in spans] == sorted(set(s for s, _ in spans))
+    covered = bytearray(len(text))
+    for s, e in spans:
+        covered[s:e] = b"\x01" * (e - s)
+    assert all(covered[p] or ch.isspace() for p, ch in enumerate(text))
+    return chunks
+
+
+def test_default_caps_match_the_settings() -> None:
+    from streams.chunking import CHUNK_MAX_BYTES, CHUNK_MAX_CHARS
+    from streams.settings import Settings
+
+    s = Settings()
+    assert (s.chunk_max_chars, s.chunk_max_bytes) == (CHUNK_MAX_CHARS, CHUNK_MAX_BYTES)
+    assert CHUNK_MAX_BYTES < 65535  # Milvus' VARCHAR limit on the text field, in bytes
+
+
+def test_one_giant_unknown_token_is_cut_to_the_caps(tokenizer: Any) -> None:
+    chunker = Chunker(tokenizer, 254, 32, max_chars=1000, max_bytes=4000)
+    word = "x" * 1_500_000  # one [UNK]: one token of 1.5 million characters
+    chunks = assert_capped(chunker, f"before {word} after")
+    assert "".join(chunks).replace(" ", "") == f"before{word}after"
+    assert chunker.chunk("a" * 5000) == ["a" * 1000] * 5  # no separator: cut anywhere
+
+
+def test_a_huge_whitespace_run_between_tokens_is_no_chunk(minilm: Chunker) -> None:
+    assert minilm.chunk("a" + " " * 1_500_000 + "b") == ["a", "b"]
+    assert minilm.chunk("a" + "\n" * 500_000 + "b\u3000" * 3) == ["a", "b\u3000b\u3000b"]
+
+
+def test_byte_cap_binds_for_wide_characters(tokenizer: Any) -> None:
+    chunker = Chunker(tokenizer, 254, 32, max_chars=10_000, max_bytes=1000)
+    text = " ".join(["\U0001f600" * 300] * 20)  # 4 bytes each, [UNK] per word
+    chunks = assert_capped(chunker, text)
+    assert max(len(c.encode()) for c in chunks) <= 1000
+    cjk = "\u4e2d" * 2000  # 3 bytes, one token each: the token budget binds first
+    assert max(len(c.encode()) for c in assert_capped(chunker, cjk)) <= 1000
+
+
+def test_cuts_prefer_line_and_space_breaks(tokenizer: Any) -> None:
+    chunker = Chunker(tokenizer, 254, 0, max_chars=100, max_bytes=1000)
+    line = "y" * 150 + " " + "z" * 150 + "\n"  # two [UNK] words per line
+    chunks = assert_capped(chunker, line * 3)
+    assert all(set(c) <= {"y"} or set(c) <= {"z"} for c in chunks), chunks
+
+
+def test_caps_are_validated(tokenizer: Any) -> None:
+    with pytest.raises(ValueError, match="max_chars"):
+        Chunker(tokenizer, 254, 32, max_chars=10)

@@ -7,7 +7,14 @@ import re
 
 import pytest
 
-from streams.extract import Extracted, UnsupportedContent, extract_text
+from streams.extract import (
+    MAX_TEXT_CHARS,
+    Extracted,
+    PageTooDeep,
+    PageTooLarge,
+    UnsupportedContent,
+    extract_text,
+)
 
 URL = "https://example.com/guide/page"
 
@@ -197,7 +204,17 @@ def test_html_empty_and_script_only_pages() -> None:
 def test_html_deeply_nested_does_not_recurse() -> None:
     depth = 5000
     html = "<body>" + "<div>" * depth + "<p>deep text</p>" + "</div>" * depth + "</body>"
-    assert extract_text(html.encode(), "text/html", URL).text == "deep text"
+    got = extract_text(html.encode(), "text/html", URL, max_depth=depth + 10)
+    assert got.text == "deep text"
+
+
+def test_html_nested_deeper_than_the_limit_is_refused() -> None:
+    html = "<body>" + "<div>" * 600 + "<p>deep text</p>" + "</div>" * 600 + "</body>"
+    with pytest.raises(PageTooDeep) as info:
+        extract_text(html.encode(), "text/html", URL)  # MAX_DEPTH = 512
+    assert info.value.error_class == "too_deep"
+    shallow = "<body>" + "<div>" * 400 + "<p>deep text</p>" + "</div>" * 400 + "</body>"
+    assert extract_text(shallow.encode(), "text/html", URL).text == "deep text"
 
 
 def test_xhtml_content_type() -> None:
@@ -383,3 +400,67 @@ def test_extracted_is_frozen() -> None:
     got = extract_text(b"x", "text/plain", URL)
     with pytest.raises(dataclasses.FrozenInstanceError):
         got.text = "y"  # type: ignore[misc]
+
+
+# --- bounds (issue 8: a hostile page is refused or tamed, in bounded time) -----------
+
+
+@pytest.mark.parametrize(
+    "label", ["punycode", "idna", "utf-7", "rot13", "raw_unicode_escape", "unicode_escape", "hex"]
+)
+def test_unsafe_charsets_read_as_utf8(label: str) -> None:
+    # punycode decoding is quadratic; utf-7 yields lone surrogates; none is a web charset.
+    body = "<p>caf\u00e9 +AGEAYgBj- " + "a-" * 20_000 + "</p>"
+    got = extract_text(body.encode(), f"text/html; charset={label}", URL)
+    assert got.text.startswith("caf\u00e9 +AGEAYgBj- a-a-")
+    meta = f'<meta charset="{label}"><p>caf\u00e9</p>'.encode()
+    assert extract_text(meta, "text/html", URL).text == "caf\u00e9"
+    assert extract_text(b"caf\xc3\xa9", f"text/plain; charset={label}", URL).text == "caf\u00e9"
+
+
+def test_control_characters_are_dropped() -> None:
+    body = b"a\x00b\x01c\x1b[31md\x7fe\xc2\x85f\tg\x0bh\x0ci"
+    assert extract_text(body, "text/plain", URL).text == "abc[31mdef\tg\nh\ni"
+    html = b"<title>T\x00itle\x1f</title><p>x\x00y\x08z</p><pre>p\x01re</pre>"
+    got = extract_text(html, "text/html", URL)
+    assert (got.text, got.title) == ("xyz\n\npre", "T\ufffditle")  # the parser: NUL is U+FFFD
+
+
+def test_whitespace_runs_are_collapsed() -> None:
+    body = ("word" + " " * 1_500_000 + "next\n" + "\u3000" * 5000 + "\n\n\n\n\n\nend").encode()
+    got = extract_text(body, "text/plain", URL)
+    assert got.text == "word next\n\n\nend"
+    assert extract_text(b" \n\t" * 500_000, "text/plain", URL).text == ""
+    pre = "<pre>a" + " " * 200_000 + "b" + "\n" * 50_000 + "c</pre>"
+    assert extract_text(pre.encode(), "text/html", URL).text == "a b\n\n\nc"
+    indent = "x\n" + " " * 40 + "indented"
+    assert extract_text(indent.encode(), "text/plain", URL).text == indent  # kept
+
+
+def test_text_over_the_limit_is_refused() -> None:
+    with pytest.raises(PageTooLarge) as info:
+        extract_text(b"word " * 1000, "text/plain", URL, max_chars=4000)
+    assert info.value.error_class == "too_large"
+    assert extract_text(b"word " * 1000, "text/plain", URL, max_chars=5000).text
+    assert MAX_TEXT_CHARS >= 1_000_000
+
+
+def test_title_is_capped() -> None:
+    body = ("<title>" + "t" * 100_000 + "</title><p>x</p>").encode()
+    assert len(extract_text(body, "text/html", URL).title or "") == 512
+    text = ("# " + "h" * 100_000 + "\n\nbody").encode()
+    assert len(extract_text(text, "text/markdown", URL).title or "") == 512
+
+
+def test_default_bounds_match_the_settings() -> None:
+    from streams.documents import MAX_CHUNKS_PER_PAGE, PageLimits
+    from streams.extract import MAX_DEPTH
+    from streams.settings import Settings
+
+    s = Settings()
+    assert (s.extract_max_chars, s.extract_max_depth, s.chunk_max_per_page) == (
+        MAX_TEXT_CHARS,
+        MAX_DEPTH,
+        MAX_CHUNKS_PER_PAGE,
+    )
+    assert PageLimits.from_settings(s) == PageLimits()
