@@ -18,12 +18,13 @@ from faust.types import EventT
 
 from agents.common import dead_letter, delivered, fatal
 from agents.docstate import DocStates
+from agents.extractor import ExtractPool, ExtractUnavailable
 from agents.fetcher import Fetcher, FetchFailed
 from streams.app import dlq_topic, topic
 from streams.chunking import Chunker
-from streams.documents import DocState, page_chunks, plan_update, trim
+from streams.documents import DocState, plan_update, trim
 from streams.embedder import resolve_model_path
-from streams.extract import UnsupportedContent
+from streams.extract import PageRefused
 from streams.ids import normalize_url
 from streams.messages import DecodeError, decode_url, encode_chunk
 from streams.settings import Settings
@@ -53,7 +54,12 @@ def register(app: faust.App, settings: Settings) -> None:
             resolve_model_path(settings.model),
             settings.chunk_tokens,
             settings.chunk_overlap,
+            max_chars=settings.chunk_max_chars,
+            max_bytes=settings.chunk_max_bytes,
         )
+        # Extraction + chunking run in child processes killed past extract_deadline_s.
+        extractor = ExtractPool(settings, chunker)
+        await extractor.start()
         fetcher = Fetcher(settings)
         in_order: asyncio.Queue[tuple[EventT, asyncio.Task]] = asyncio.Queue(
             maxsize=settings.fetch_concurrency * 4
@@ -80,6 +86,7 @@ def register(app: faust.App, settings: Settings) -> None:
             await docs.ready()
             prev = None if req.force else docs.get(url)
             state: DocState | None = prev
+            no_text = False
             try:
                 if req.delete:
                     out, state = [trim(url, 0)], None
@@ -95,10 +102,9 @@ def register(app: faust.App, settings: Settings) -> None:
                         log.info("gone (HTTP %d): %s", page.status, url)
                         out, state = [trim(url, 0)], None
                     else:
-                        new = await asyncio.to_thread(
-                            page_chunks, url, page.body, page.content_type, chunker
-                        )
+                        new = await extractor.page_chunks(url, page.body, page.content_type)
                         out = plan_update(url, new, prev, req.force)
+                        no_text = not new  # sent as a trim to 0, then dead-lettered
                         state = DocState(
                             doc_hash=new[0].doc_hash if new else "",
                             hashes=tuple(c.text_hash or "" for c in new),
@@ -112,17 +118,24 @@ def register(app: faust.App, settings: Settings) -> None:
                     )
                 )
                 out = []
-            except UnsupportedContent as exc:
-                sent.append(
-                    await dead_letter(dlq, STAGE, event, "unsupported_content", str(exc), 1, url)
-                )
+            except PageRefused as exc:  # not text, or over a bound: streams/extract.py
+                sent.append(await dead_letter(dlq, STAGE, event, exc.error_class, str(exc), 1, url))
                 out = []
+            except ExtractUnavailable:
+                raise  # no extraction process starts: the stage is broken, not the page
             except Exception as exc:  # a page that breaks extraction or chunking: a poison
                 log.exception("cannot process %s", url)  # message must not stop the stage
                 sent.append(await dead_letter(dlq, STAGE, event, "extract", repr(exc), 1, url))
                 out = []
             for c in out:
                 sent.append(await chunks.send(key=c.key(), value=encode_chunk(c)))
+            if no_text and out:
+                # After the trim (an emptied page loses its old chunks), made visible.
+                sent.append(
+                    await dead_letter(
+                        dlq, STAGE, event, "no_text", "the page has no text to index", 1, url
+                    )
+                )
             await delivered(sent)
             log.info("%s: %d chunk messages (offset %d)", url, len(out), event.message.offset)
             # Remember the page only once its chunks are on the broker: a crash before this
@@ -160,3 +173,4 @@ def register(app: faust.App, settings: Settings) -> None:
         finally:
             ack_task.cancel()
             await fetcher.aclose()
+            await extractor.aclose()
