@@ -10,6 +10,7 @@ reach ``chunks`` in request order.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable
 
@@ -22,7 +23,7 @@ from agents.extractor import ExtractPool, ExtractUnavailable
 from agents.fetcher import Fetcher, FetchFailed
 from streams.app import dlq_topic, topic
 from streams.chunking import Chunker
-from streams.documents import DocState, plan_update, trim
+from streams.documents import DocState, page_version, plan_update, trim
 from streams.embedder import resolve_model_path
 from streams.extract import PageRefused
 from streams.ids import normalize_url
@@ -127,7 +128,10 @@ def register(app: faust.App, settings: Settings) -> None:
                 log.exception("cannot process %s", url)  # message must not stop the stage
                 sent.append(await dead_letter(dlq, STAGE, event, "extract", repr(exc), 1, url))
                 out = []
+            # The page's version: the writer never lets an older one replace a newer one.
+            version = page_version(event.message.offset, event.message.timestamp)
             for c in out:
+                c = dataclasses.replace(c, version=version)  # noqa: PLW2901
                 sent.append(await chunks.send(key=c.key(), value=encode_chunk(c)))
             if no_text and out:
                 # After the trim (an emptied page loses its old chunks), made visible.

@@ -1,11 +1,18 @@
 """Window-writer stage: ``vectors`` -> Milvus, one bulk upsert per tumbling window.
 
 A window closes after ``window_rows`` messages or ``window_s`` seconds, whichever comes
-first. Its events are acked only after Milvus accepted the whole window; until then the
-writer retries with backoff and takes nothing new, so Faust's bounded stream buffer fills
-and the consumer pauses: memory stays bounded while Milvus is away. ``stream.take()``
-would ack a window even when its write raised (it acks in a ``finally``), hence
-``noack_take`` and explicit acks.
+first. Its events are acked only after Milvus accepted the window; while Milvus is
+unavailable the writer retries with backoff and takes nothing new, so Faust's bounded
+stream buffer fills and the consumer pauses: memory stays bounded while Milvus is away.
+``stream.take()`` would ack a window even when its write raised (it acks in a
+``finally``), hence ``noack_take`` and explicit acks.
+
+A message never stops the stage: one that cannot be decoded, or whose vector can never be
+written (NaN/Inf, another dimension), is dead-lettered before the write; a row Milvus
+refuses for its data is found by splitting the request and dead-lettered
+(``milvus_rejected``) while the rest of the window is written. A message older than the
+version Milvus holds for its document is dropped (superseded, not broken: logged and
+counted, not dead-lettered), so nothing moves a page backwards.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import faust
 from faust.types import EventT
@@ -22,20 +30,44 @@ from agents.common import dead_letter, delivered, fatal
 from streams.app import dlq_topic, topic
 from streams.messages import DecodeError, Vector, decode_vector
 from streams.settings import Settings
-from streams.store import MilvusStore, SchemaMismatch, reduce_window
+from streams.store import MilvusStore, is_unavailable, reduce_window, refusal
 from streams.topics import VECTORS
 
 log = logging.getLogger(__name__)
 STAGE = "write"
+REJECTED = "milvus_rejected"
+
+R = TypeVar("R")
+
+
+class WriteStats:
+    """Running totals for the log: what was written, refused and superseded."""
+
+    def __init__(self) -> None:
+        self.upserted = 0
+        self.dead = 0
+        self.stale = 0
 
 
 def register(app: faust.App, settings: Settings) -> None:
     vectors = topic(app, settings, VECTORS)
     dlq = dlq_topic(app, settings, VECTORS)
+    stats = WriteStats()
+    opened: list[MilvusStore] = []
+
+    @app.on_partitions_assigned.connect
+    async def forget_versions(sender: object, assigned: set, **kwargs: object) -> None:
+        # Another writer may have written these partitions' documents meanwhile: its
+        # versions are in Milvus, not in this process' cache.
+        for store in opened:
+            store.forget_versions()
 
     @app.agent(vectors, name="write")
     async def write(stream: faust.StreamT) -> None:
-        store = await retrying("open Milvus", lambda: MilvusStore(settings), settings)
+        store = await retrying(
+            "open Milvus", lambda: MilvusStore(settings), settings, everything=True
+        )
+        opened.append(store)
         async for events in stream.noack_take(settings.window_rows, within=settings.window_s):
             try:
                 await write_window(store, list(events))
@@ -52,46 +84,94 @@ def register(app: faust.App, settings: Settings) -> None:
                 good.append((event, decode_vector(event.message.value)))
             except DecodeError as exc:
                 sent.append(await dead_letter(dlq, STAGE, event, exc.error_class, str(exc)))
-        misfits = _misfits(store, good)
+        refused = _refusals(store, good)
+        accepted: list[tuple[EventT, Vector]] = []
         for event, vec in good:
-            if id(vec) in misfits:
-                sent.append(
-                    await dead_letter(
-                        dlq, STAGE, event, "schema", misfits[id(vec)], 1, vec.chunk.url
-                    )
-                )
-        window = reduce_window(v for _, v in good if id(v) not in misfits)
+            if id(vec) in refused:
+                cls, why = refused[id(vec)]
+                sent.append(await dead_letter(dlq, STAGE, event, cls, why, 1, vec.chunk.url))
+            else:
+                accepted.append((event, vec))
+        event_of = {id(vec): event for event, vec in accepted}
+        versioned = {v.chunk.doc_id for _, v in accepted if v.chunk.version is not None}
+        known: dict[str, int] = {}
+        if versioned:
+            known = await retrying(
+                "read document versions",
+                lambda: store.versions(versioned),
+                settings,
+                everything=True,
+            )
+        window = reduce_window((v for _, v in accepted), known)
+        for vec, newer in window.stale:
+            c = vec.chunk
+            what = f"chunk {c.chunk_index}" if c.op == "upsert" else f"trim to {c.chunk_count}"
+            log.info(
+                "stale: %s of %s at version %s < %s: dropped (superseded)",
+                what,
+                c.url,
+                c.version,
+                newer,
+            )
         t0 = time.perf_counter()
-        n = await retrying("write window", lambda: store.write(window), settings)
+        result = await retrying("write window", lambda: store.write(window), settings)
+        for vec, error in result.refused_rows:
+            sent.append(
+                await dead_letter(dlq, STAGE, event_of[id(vec)], REJECTED, error, 1, vec.chunk.url)
+            )
+        for doc, error in result.refused_trims:
+            last = window.last[doc]
+            sent.append(
+                await dead_letter(
+                    dlq, STAGE, event_of[id(last)], REJECTED, f"trim: {error}", 1, last.chunk.url
+                )
+            )
         await delivered(sent)
+        stats.upserted += result.upserted
+        stats.stale += len(window.stale)
+        stats.dead += len(sent)
         log.info(
-            "window: %d messages, %d rows upserted, %d docs trimmed in %.2fs",
+            "window: %d messages, %d rows upserted, %d docs trimmed, %d dead-lettered, "
+            "%d stale dropped in %.2fs (totals: %d upserted, %d dead-lettered, %d stale)",
             len(events),
-            n,
+            result.upserted,
             len(window.trims),
+            len(sent),
+            len(window.stale),
             time.perf_counter() - t0,
+            stats.upserted,
+            stats.dead,
+            stats.stale,
         )
 
+    app.write_stats = stats  # type: ignore[attr-defined]
 
-def _misfits(store: MilvusStore, good: list[tuple[EventT, Vector]]) -> dict[int, str]:
-    """Vectors that can never fit the collection (another dimension): dead letters, not
-    retries. The first vector of a new collection decides its dimension."""
-    dim = store.dim
-    out: dict[int, str] = {}
+
+def _refusals(store: MilvusStore, good: list[tuple[EventT, Vector]]) -> dict[int, tuple[str, str]]:
+    """Vectors that can never be written, by ``id()``: ``(error_class, reason)``. They are
+    dead letters, not retries. The first writable vector of a new collection decides its
+    dimension and whether it has a sparse field, as ``MilvusStore.ensure_collection`` will.
+    """
+    dim, sparse = store.dim, store.sparse
+    out: dict[int, tuple[str, str]] = {}
     for _, vec in good:
-        if vec.dense is None:
-            continue
-        if dim is None:
-            dim = vec.dim
-        if vec.dim != dim:
-            out[id(vec)] = str(
-                SchemaMismatch(f"dimension {vec.dim} ({vec.model}) != collection's {dim}")
-            )
+        why = refusal(vec, dim, sparse if dim is not None else vec.sparse is not None)
+        if why is not None:
+            out[id(vec)] = why
+        elif dim is None and vec.dense is not None:
+            dim, sparse = len(vec.dense), vec.sparse is not None
     return out
 
 
-async def retrying(what: str, fn, settings: Settings):  # noqa: ANN001, ANN201
-    """Run a blocking Milvus call in a thread until it succeeds, backing off meanwhile."""
+async def retrying(
+    what: str, fn: Callable[[], R], settings: Settings, everything: bool = False
+) -> R:
+    """Run a blocking Milvus call in a thread until it succeeds, backing off meanwhile.
+
+    Only unavailability is waited out, unless ``everything`` (opening Milvus, reading
+    versions: no message is to blame there). Anything else is raised: the callers split
+    and dead-letter data errors before they get here.
+    """
     delay = 0.5
     attempt = 0
     while True:
@@ -99,6 +179,8 @@ async def retrying(what: str, fn, settings: Settings):  # noqa: ANN001, ANN201
         try:
             return await asyncio.to_thread(fn)
         except Exception as exc:
+            if not everything and not is_unavailable(exc):
+                raise
             log.warning("%s failed (attempt %d), retrying in %.1fs: %r", what, attempt, delay, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, settings.write_backoff_max_s)

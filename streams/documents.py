@@ -4,6 +4,7 @@ without Kafka (tests, the benchmark's naive and bare runs) and agrees with the p
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from streams.chunking import Chunker
 from streams.extract import MAX_DEPTH, MAX_TEXT_CHARS, TooManyChunks, extract_text
@@ -39,6 +40,7 @@ def page_chunks(
     content_type: str | None,
     chunker: Chunker,
     fetched_at: str | None = None,
+    version: int | None = None,
     *,
     limits: PageLimits = PageLimits(),  # frozen: one shared default is safe
 ) -> list[Chunk]:
@@ -48,7 +50,8 @@ def page_chunks(
     class: ``unsupported_content``, ``too_large``, ``too_deep``, ``too_many_chunks``.
 
     A page with no text yields no chunks; the caller still sends a trim to count 0 so a
-    page that became empty loses its old chunks.
+    page that became empty loses its old chunks. ``version`` (see :func:`page_version`)
+    lets the writer refuse to replace a newer version of the page with these chunks.
     """
     extracted = extract_text(
         body, content_type, url, max_chars=limits.text_chars, max_depth=limits.depth
@@ -73,14 +76,38 @@ def page_chunks(
             doc_hash=dhash,
             fetched_at=when,
             title=extracted.title,
+            version=version,
         )
         for i, t in enumerate(texts)
     ]
 
 
-def trim(url: str, count: int) -> Chunk:
-    """A document-level message: drop this page's chunks from ``count`` on (0 = all)."""
-    return Chunk(op="delete", doc_id=doc_id(url), url=url, chunk_count=count)
+def trim(url: str, count: int, version: int | None = None) -> Chunk:
+    """A document-level message: drop this page's chunks from ``count`` on (0 = all).
+
+    With a ``version``, the writer remembers it as the page's (a tombstone when the count
+    is 0): an older chunk that arrives later, e.g. a redriven dead letter, is dropped.
+    """
+    return Chunk(op="delete", doc_id=doc_id(url), url=url, chunk_count=count, version=version)
+
+
+VERSION_SLOTS = 1_000_000
+"""Versions per millisecond: the urls offset's last six digits order two fetches of one
+page within the same millisecond."""
+
+
+def page_version(offset: int, timestamp_s: float | None = None, now_s: float | None = None) -> int:
+    """The version of a page fetched now for the ``urls`` message at ``offset``: epoch
+    milliseconds x 10^6 + offset mod 10^6, so a later fetch of a page has a higher one.
+
+    The clock is the later of this machine's and the message's timestamp (``timestamp_s``),
+    so a fetch worker whose clock lags cannot give a newer fetch a version below the
+    previous one by more than the lag between the clocks that stamped them. Fits INT64
+    until the year 2262.
+    """
+    now = time.time() if now_s is None else now_s
+    ms = int(max(now, timestamp_s or 0.0) * 1000)
+    return ms * VERSION_SLOTS + offset % VERSION_SLOTS
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import re
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 import orjson
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, ValidationError, validators
 
 from streams.ids import normalize_url
 
@@ -39,12 +41,44 @@ def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _strict_integer(_checker: object, instance: object) -> bool:
+    """``1.0`` is not an integer here: JSON Schema's ``integer`` accepts it, Milvus' INT64
+    and Python's indexing do not (a chunk_index of 1.0 would pass the schema and then
+    fail the write forever)."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+def _ecma_pattern(
+    validator: Draft202012Validator, pattern: str, instance: object, _schema: object
+) -> Iterator[ValidationError]:
+    """``pattern`` with ECMA-262's ``$`` (the end of the string), as JSON Schema defines it.
+
+    Python's ``$`` also matches before a final newline, so ``^[0-9a-f]{32}$`` would pass a
+    doc_id followed by ``\\n``; a trailing ``$`` is read as ``\\Z`` here.
+    """
+    if not isinstance(instance, str):
+        return
+    python = (
+        pattern[:-1] + r"\Z" if pattern.endswith("$") and not pattern.endswith("\\$") else pattern
+    )
+    if re.search(python, instance) is None:
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+StrictValidator = validators.extend(
+    Draft202012Validator,
+    validators={"pattern": _ecma_pattern},
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _strict_integer),
+)
+
+
 @cache
 def validator(name: str) -> Draft202012Validator:
-    """The compiled validator of ``schemas/<name>.v1.json`` (compiled once per process)."""
+    """The compiled validator of ``schemas/<name>.v1.json`` (compiled once per process):
+    strict integers and end-anchored patterns (see ``StrictValidator``)."""
     schema = orjson.loads((SCHEMA_DIR / f"{name}.v{VERSION}.json").read_bytes())
     Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema)
+    return StrictValidator(schema)
 
 
 def _parse(name: str, raw: bytes | None) -> dict[str, Any]:
@@ -120,6 +154,10 @@ class Chunk:
     fetched_at: str | None = None
     title: str | None = None
     section: str | None = None
+    #: The document's version: grows with each fetch of the page (fetch time in ms x 10^6
+    #: + the urls offset's last six digits). The writer drops a message older than what
+    #: Milvus holds for its document; ``None`` (older producers) is applied unconditionally.
+    version: int | None = None
 
     def key(self) -> bytes:
         return self.doc_id.encode()

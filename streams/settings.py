@@ -211,6 +211,22 @@ class Settings(BaseSettings):
     window_s: float = Field(default=1.0, description="Tumbling window length in seconds.")
     window_rows: int = Field(default=2000, description="Most rows per window (one upsert).")
     write_backoff_max_s: float = Field(default=30.0, description="Cap of write retry delay.")
+    write_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Longest wait for one Milvus call (upsert, delete, query): past it Milvus counts "
+            "as unavailable and the window is retried, so a hung server cannot hold the writer."
+        ),
+    )
+    write_version_cache: int = Field(
+        default=100_000,
+        ge=0,
+        description=(
+            "Document versions the writer keeps in memory (least recently used go first); the "
+            "others are read from the <collection>_docs collection, which holds them all."
+        ),
+    )
 
     # --- webhooks ----------------------------------------------------------------------
     webhook_secret: str = Field(

@@ -3,15 +3,28 @@
 Primary keys are deterministic chunk ids, so writing a window twice (a redelivery after
 a crash) leaves Milvus as if it was written once. Milvus Lite allows one process per data
 path: only the writer stage opens it while a pipeline runs (see docs/decisions.md).
+
+What the writer may never do is stop on one message, or move a page backwards:
+
+- Rows that can never be written (NaN/Inf values, another dimension, bad sparse weights)
+  are refused before writing (:func:`refusal`); strings are cut to Milvus' limits, which
+  a Milvus server counts in UTF-8 bytes (:func:`cut_utf8`).
+- Only unavailability is retried (:func:`is_unavailable`); a request Milvus refuses for
+  its data is split in halves down to the rows it refuses (:func:`write_splitting`), the
+  rest is written and those rows come back to the caller as dead letters.
+- Every chunk carries its document's version; the latest version written per document is
+  kept in ``<collection>_docs`` (and a bounded cache), and :func:`reduce_window` drops
+  messages older than it (a redriven old chunk, or a chunk of a page deleted since).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -21,8 +34,18 @@ from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: VARCHAR limits of the collection, in UTF-8 bytes (what a Milvus server counts).
+URL_MAX_BYTES = 2048
+TITLE_MAX_BYTES = 512
 TEXT_MAX = 65535
-MAX_REQUEST_ROWS = 1000  # keeps an upsert request well under Milvus' 64 MB limit
+HASH_MAX_BYTES = 64
+MAX_REQUEST_ROWS = 1000  # rows per upsert request
+MAX_REQUEST_BYTES = 16 * 2**20  # estimated bytes per request, well under Milvus' 64 MB
+SPARSE_MAX_INDEX = 2**32 - 2  # Milvus reserves 2^32-1
+LOOKUP_BATCH = 1000  # doc ids per version query
+DOCS_SUFFIX = "_docs"
+
+T = TypeVar("T")
 
 
 class StoreUnavailable(RuntimeError):
@@ -33,25 +56,47 @@ class SchemaMismatch(ValueError):
     """A vector that does not fit the collection (another model or dimension)."""
 
 
+# --- pure logic -----------------------------------------------------------------------------
+
+
 @dataclasses.dataclass(slots=True)
 class Window:
-    """What one window does to Milvus: rows to upsert, and per document the chunk count
-    beyond which its chunks are removed."""
+    """What one window does to Milvus: rows to upsert, per document the chunk count beyond
+    which its chunks are removed and the version to remember, and the stale messages
+    that were dropped, each with the newer version that superseded it."""
 
     rows: dict[str, Vector] = dataclasses.field(default_factory=dict)
     trims: dict[str, int] = dataclasses.field(default_factory=dict)
+    versions: dict[str, int] = dataclasses.field(default_factory=dict)
+    last: dict[str, Vector] = dataclasses.field(default_factory=dict)
+    stale: list[tuple[Vector, int]] = dataclasses.field(default_factory=list)
 
 
-def reduce_window(vectors: Iterable[Vector]) -> Window:
+def reduce_window(vectors: Iterable[Vector], known: Mapping[str, int] | None = None) -> Window:
     """Fold a window's messages, in offset order, into its net effect on Milvus.
 
-    The latest message of a document decides its chunk count; the latest version of a
-    chunk wins; rows beyond the final count are not written at all.
+    ``known`` holds the version Milvus has for each document. A message older than its
+    document's current version (the known one, or a newer one met earlier in the window)
+    is stale and dropped: a redriven chunk of an old fetch, or of a page deleted since (a
+    delete leaves its version as a tombstone). Equal versions apply, so a redelivered
+    window is idempotent; messages without a version (older producers) always apply.
+    The latest applied message of a document decides its chunk count; the latest version
+    of a chunk wins; rows beyond the final count are not written at all.
     """
+    known = known or {}
     win = Window()
+    current: dict[str, int] = {}
     for vec in vectors:
         c = vec.chunk
+        have = current.get(c.doc_id, known.get(c.doc_id))
+        if c.version is not None:
+            if have is not None and c.version < have:
+                win.stale.append((vec, have))
+                continue
+            current[c.doc_id] = c.version
+            win.versions[c.doc_id] = c.version
         win.trims[c.doc_id] = c.chunk_count
+        win.last[c.doc_id] = vec
         if c.op == "upsert":
             assert c.chunk_index is not None
             win.rows[chunk_id(c.doc_id, c.chunk_index)] = vec
@@ -61,7 +106,7 @@ def reduce_window(vectors: Iterable[Vector]) -> Window:
     return win
 
 
-def trim_filter(trims: dict[str, int]) -> str | None:
+def trim_filter(trims: Mapping[str, int]) -> str | None:
     """One boolean expression removing, for every document, the chunks beyond its count."""
     if not trims:
         return None
@@ -75,22 +120,249 @@ def trim_filter(trims: dict[str, int]) -> str | None:
     return " or ".join(parts)
 
 
+def cut_utf8(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes, on a character boundary.
+
+    A Milvus server counts VARCHAR ``max_length`` in bytes (Milvus Lite in characters), so
+    a 180-character CJK title fits 512 characters but not 512 bytes.
+    """
+    if len(text) * 4 <= max_bytes:  # fast path: no character takes more than 4 bytes
+        return text
+    raw = text.encode("utf-8", errors="surrogatepass")
+    if len(raw) <= max_bytes:
+        return text
+    return raw[:max_bytes].decode("utf-8", errors="ignore")  # drops a cut last character
+
+
 def row_of(vec: Vector, with_sparse: bool) -> dict[str, Any]:
+    """The Milvus row of a vector, its strings within the collection's byte limits."""
     c = vec.chunk
     row: dict[str, Any] = {
         "id": chunk_id(c.doc_id, c.chunk_index or 0),
         "doc_id": c.doc_id,
         "chunk_index": c.chunk_index,
-        "url": c.url[:2048],
-        "title": (c.title or "")[:512],
-        "text": (c.text or "")[:TEXT_MAX],
-        "text_hash": c.text_hash or "",
-        "doc_hash": c.doc_hash or "",
+        "url": cut_utf8(c.url, URL_MAX_BYTES),
+        "title": cut_utf8(c.title or "", TITLE_MAX_BYTES),
+        "text": cut_utf8(c.text or "", TEXT_MAX),
+        "text_hash": cut_utf8(c.text_hash or "", HASH_MAX_BYTES),
+        "doc_hash": cut_utf8(c.doc_hash or "", HASH_MAX_BYTES),
         "dense": vec.dense,
     }
     if with_sparse:
         row["sparse"] = vec.sparse.as_dict() if vec.sparse is not None else {}
     return row
+
+
+def row_bytes(row: Mapping[str, Any]) -> int:
+    """A generous estimate of a row's size in a request (strings, floats, sparse pairs)."""
+    size = 64
+    for value in row.values():
+        if isinstance(value, str):
+            size += len(value) * 4 if len(value) > 1024 else len(value.encode("utf-8", "ignore"))
+        elif isinstance(value, np.ndarray):
+            size += value.nbytes
+        elif isinstance(value, dict):
+            size += 12 * len(value)
+        else:
+            size += 8
+    return size
+
+
+def request_batches(
+    rows: Sequence[T], sizes: Sequence[int], max_rows: int, max_bytes: int
+) -> list[list[T]]:
+    """Consecutive batches of at most ``max_rows`` rows and ``max_bytes`` (one row alone
+    may be larger: a request of one row is as small as it gets)."""
+    out: list[list[T]] = []
+    batch: list[T] = []
+    used = 0
+    for row, size in zip(rows, sizes, strict=True):
+        if batch and (len(batch) >= max_rows or used + size > max_bytes):
+            out.append(batch)
+            batch, used = [], 0
+        batch.append(row)
+        used += size
+    if batch:
+        out.append(batch)
+    return out
+
+
+def refusal(vec: Vector, dim: int | None, sparse_field: bool) -> tuple[str, str] | None:
+    """Why this vector can never be written to a collection of ``dim`` (``None``: not
+    created yet) with or without a sparse field, as ``(error_class, reason)``; ``None``
+    when it can. Refused up front, a row like this neither stops nor splits a window.
+    """
+    if vec.chunk.op != "upsert":
+        return None
+    dense = vec.dense
+    if dense is None:
+        return "schema", "an upsert without a dense vector"
+    bad = int(np.count_nonzero(~np.isfinite(dense)))
+    if bad:
+        return "bad_vector", f"dense vector has {bad} NaN/Inf value(s) of {len(dense)}"
+    if not np.any(dense):
+        return "bad_vector", "dense vector is all zeros (it has no direction to search by)"
+    if dim is not None and len(dense) != dim:
+        return "schema", str(
+            SchemaMismatch(f"dimension {len(dense)} ({vec.model}) != collection's {dim}")
+        )
+    sp = vec.sparse
+    if sp is None:
+        if sparse_field:
+            return "schema", (
+                f"the collection has a sparse field and this vector ({vec.model}) has none: "
+                "another model; use another RAGSTREAM_COLLECTION for it"
+            )
+        return None
+    if not sparse_field:
+        return None  # the collection keeps no sparse vectors: this one is not written
+    values = np.asarray(sp.values, dtype=np.float64)
+    if len(values) != len(sp.indices):
+        return "schema", "sparse indices and values differ in length"
+    if not np.all(np.isfinite(values)):
+        return "bad_vector", "sparse vector has NaN/Inf weights"
+    if np.any(values < 0):
+        return "bad_vector", "sparse vector has negative weights"
+    if not np.any(values > 0):
+        return "bad_vector", "sparse vector has no positive weight (Milvus refuses it)"
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in sp.indices):
+        return "schema", "sparse indices must be integers"
+    if sp.indices and (min(sp.indices) < 0 or max(sp.indices) > SPARSE_MAX_INDEX):
+        return "bad_vector", f"sparse index outside 0..{SPARSE_MAX_INDEX}"
+    if len(set(sp.indices)) != len(sp.indices):
+        return "bad_vector", "sparse vector repeats an index"
+    return None
+
+
+#: gRPC status codes that mean "not now": Milvus is down, slow or refuses us for now.
+_UNAVAILABLE_GRPC = frozenset(
+    {
+        "UNAVAILABLE",
+        "DEADLINE_EXCEEDED",
+        "CANCELLED",
+        "ABORTED",
+        "UNAUTHENTICATED",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+    }
+)
+#: Milvus status codes of the same kind: 2 = service unavailable (pymilvus: connect
+#: failed), 8 = rate limit, 9 = quota exceeded / writes denied (e.g. disk full).
+_UNAVAILABLE_CODES = frozenset({2, 8, 9})
+#: Collection not found (new code 100, legacy 4): dropped under us; recreated on retry.
+_MISSING_COLLECTION_CODES = frozenset({4, 100})
+_UNAVAILABLE_WORDS = ("Retry timeout", "Retry run out", "server unavailable", "not ready")
+
+
+def _grpc_name(code: object) -> str | None:
+    name = getattr(code, "name", None)
+    return name if isinstance(name, str) else None
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means Milvus cannot be used now (retry the window later) rather
+    than that the request's data was refused (split it and dead-letter the rows).
+
+    Unavailable: connection and timeout errors, gRPC ``UNAVAILABLE``/``DEADLINE_EXCEEDED``
+    and kin, a server status that says it is retriable, rate limits and quotas, pymilvus'
+    own retries running out, a collection dropped under us. A gRPC message over the size
+    limit is the request's fault (``RESOURCE_EXHAUSTED`` with "larger than max"): halving
+    helps there. Anything else is taken to be the data's fault; :func:`write_splitting`
+    still checks that Milvus answers before it blames a row.
+    """
+    if isinstance(exc, StoreUnavailable | ConnectionError | TimeoutError):
+        return True
+    text = str(exc)
+    code = getattr(exc, "code", None)
+    if callable(code):  # a grpc.RpcError: code() is a grpc.StatusCode
+        try:
+            code = code()
+        except Exception:  # noqa: BLE001 - a broken error object: treat as data
+            code = None
+    name = _grpc_name(code)
+    if name is not None:
+        if name == "RESOURCE_EXHAUSTED" and "larger than max" in text:
+            return False
+        return name in _UNAVAILABLE_GRPC
+    if type(exc).__name__ in ("ConnectionConfigException", "ConnectError", "FutureTimeoutError"):
+        return True
+    if getattr(exc, "retriable", False) is True:
+        return True
+    if isinstance(code, int) and not isinstance(code, bool):
+        if code in _UNAVAILABLE_CODES or code in _MISSING_COLLECTION_CODES:
+            return True
+        compat = getattr(exc, "compatible_code", None)
+        if code == 1 and compat in _MISSING_COLLECTION_CODES:
+            return True
+    return any(w in text for w in _UNAVAILABLE_WORDS)
+
+
+def write_splitting(
+    items: Sequence[T],
+    write: Callable[[Sequence[T]], object],
+    answers: Callable[[], object] | None = None,
+) -> list[tuple[T, Exception]]:
+    """Write ``items`` in one call; if the store refuses it for its data, write each half,
+    down to the single items it refuses: those come back with their errors, everything
+    else is written. Unavailability is raised (the caller retries the whole write: every
+    write here is idempotent). With ``k`` bad items among ``n`` this costs about
+    ``2 k log2(n)`` calls. ``answers`` is called before any item is blamed and must raise
+    when the store does not answer, so an outage that looks like a data error (a server
+    dying mid-request) never turns good rows into dead letters.
+    """
+    refused: list[tuple[T, Exception]] = []
+
+    def go(part: Sequence[T]) -> None:
+        try:
+            write(part)
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise
+            if len(part) == 1:
+                refused.append((part[0], exc))
+                return
+            mid = len(part) // 2
+            go(part[:mid])
+            go(part[mid:])
+
+    if items:
+        go(items)
+    if refused and answers is not None:
+        answers()
+    return refused
+
+
+class LruVersions:
+    """doc_id -> the version Milvus holds (``None``: no version), least recently used
+    forgotten first; bounded so that a writer's memory does not grow with the corpus."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._data: collections.OrderedDict[str, int | None] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, doc: object) -> bool:
+        return doc in self._data
+
+    def get(self, doc: str) -> int | None:
+        self._data.move_to_end(doc)
+        return self._data[doc]
+
+    def put(self, doc: str, version: int | None) -> None:
+        if self.capacity <= 0:
+            return
+        self._data[doc] = version
+        self._data.move_to_end(doc)
+        while len(self._data) > self.capacity:
+            self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+
+# --- Milvus ---------------------------------------------------------------------------------
 
 
 def _let_pymilvus_import() -> None:
@@ -112,8 +384,19 @@ class Hit:
     chunk_index: int
 
 
+@dataclasses.dataclass(slots=True)
+class WriteResult:
+    """What a window's write did: rows upserted, and what Milvus refused for its data (to
+    be dead-lettered): rows as ``(vector, error)``, trims as ``(doc_id, error)``."""
+
+    upserted: int = 0
+    refused_rows: list[tuple[Vector, str]] = dataclasses.field(default_factory=list)
+    refused_trims: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
 class MilvusStore:
-    """A Milvus collection of chunks; created on the first window, with its dimension."""
+    """A Milvus collection of chunks, created on the first window with its dimension, and
+    its companion ``<collection>_docs`` (doc_id -> version, chunk_count)."""
 
     def __init__(self, settings: Settings) -> None:
         _let_pymilvus_import()
@@ -121,6 +404,8 @@ class MilvusStore:
 
         self.uri = settings.milvus_target
         self.name = settings.collection
+        self.docs_name = settings.collection + DOCS_SUFFIX
+        self.timeout = settings.write_timeout_s
         if settings.milvus_is_lite:
             from pathlib import Path  # noqa: PLC0415
 
@@ -139,6 +424,9 @@ class MilvusStore:
         self.dim: int | None = None
         self.sparse: bool = False
         self.model: str | None = None
+        self._docs_ready = False
+        self._recheck = False
+        self._versions = LruVersions(settings.write_version_cache)
         if self.client.has_collection(self.name):
             self._read_schema()
 
@@ -151,6 +439,15 @@ class MilvusStore:
                 self.sparse = True
         self.model = desc.get("description") or None
         self.client.load_collection(self.name)
+
+    def _reload(self) -> None:
+        """After a failure: the collections may have been dropped or recreated meanwhile."""
+        self.dim, self.sparse, self.model = None, False, None
+        self._docs_ready = False
+        self._versions.clear()
+        if self.client.has_collection(self.name, timeout=self.timeout):
+            self._read_schema()
+        self._recheck = False
 
     def ensure_collection(self, model: str, dim: int, sparse: bool) -> None:
         if self.dim is not None:
@@ -167,11 +464,11 @@ class MilvusStore:
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
         schema.add_field("doc_id", DataType.VARCHAR, max_length=32)
         schema.add_field("chunk_index", DataType.INT64)
-        schema.add_field("url", DataType.VARCHAR, max_length=2048)
-        schema.add_field("title", DataType.VARCHAR, max_length=512)
+        schema.add_field("url", DataType.VARCHAR, max_length=URL_MAX_BYTES)
+        schema.add_field("title", DataType.VARCHAR, max_length=TITLE_MAX_BYTES)
         schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX)
-        schema.add_field("text_hash", DataType.VARCHAR, max_length=64)
-        schema.add_field("doc_hash", DataType.VARCHAR, max_length=64)
+        schema.add_field("text_hash", DataType.VARCHAR, max_length=HASH_MAX_BYTES)
+        schema.add_field("doc_hash", DataType.VARCHAR, max_length=HASH_MAX_BYTES)
         schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dim)
         index = self.client.prepare_index_params()
         index.add_index("dense", index_type="AUTOINDEX", metric_type="COSINE")
@@ -184,23 +481,154 @@ class MilvusStore:
         log.info("created collection %s (%s, dim %d, sparse=%s)", self.name, model, dim, sparse)
         self._read_schema()
 
-    def write(self, window: Window) -> int:
-        """Upsert the window's rows, then trim its documents. Idempotent; raises on failure."""
+    def _ensure_docs(self) -> None:
+        """The versions collection. Milvus wants a vector field in every collection: a
+        2-dimension placeholder (always zeros, never searched) is the cheapest there is."""
+        if self._docs_ready:
+            return
+        if not self.client.has_collection(self.docs_name, timeout=self.timeout):
+            from pymilvus import DataType  # noqa: PLC0415
+
+            schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("doc_id", DataType.VARCHAR, is_primary=True, max_length=32)
+            schema.add_field("version", DataType.INT64)
+            schema.add_field("chunk_count", DataType.INT64)
+            schema.add_field("placeholder", DataType.FLOAT_VECTOR, dim=2)
+            index = self.client.prepare_index_params()
+            index.add_index("placeholder", index_type="AUTOINDEX", metric_type="L2")
+            self.client.create_collection(
+                self.docs_name,
+                schema=schema,
+                index_params=index,
+                description=f"ragstream: latest version written per document of {self.name}",
+            )
+            log.info("created collection %s (document versions)", self.docs_name)
+        self.client.load_collection(self.docs_name, timeout=self.timeout)
+        self._docs_ready = True
+
+    def versions(self, docs: Iterable[str]) -> dict[str, int]:
+        """The version Milvus holds for each of ``docs`` that has one (cache first)."""
+        out: dict[str, int] = {}
+        missing: list[str] = []
+        for doc in sorted(set(docs)):
+            if doc in self._versions:
+                v = self._versions.get(doc)
+                if v is not None:
+                    out[doc] = v
+            else:
+                missing.append(doc)
+        if not missing:
+            return out
+        if self._recheck:
+            self._reload()
+        if not self._docs_ready and not self.client.has_collection(
+            self.docs_name, timeout=self.timeout
+        ):
+            return out  # nothing was ever versioned here
+        self._ensure_docs()
+        found: dict[str, int] = {}
+        for start in range(0, len(missing), LOOKUP_BATCH):
+            part = missing[start : start + LOOKUP_BATCH]
+            ids = ", ".join(f'"{d}"' for d in part)
+            rows = self.client.query(
+                self.docs_name,
+                filter=f"doc_id in [{ids}]",
+                output_fields=["doc_id", "version"],
+                timeout=self.timeout,
+            )
+            found.update({r["doc_id"]: int(r["version"]) for r in rows})
+        for doc in missing:
+            self._versions.put(doc, found.get(doc))
+        return out | found
+
+    def forget_versions(self) -> None:
+        """Drop the cache (another writer may have written these documents meanwhile)."""
+        self._versions.clear()
+
+    def answers(self) -> None:
+        """Raise :class:`StoreUnavailable` unless Milvus answers a cheap call now."""
+        try:
+            self.client.has_collection(self.name, timeout=self.timeout)
+        except Exception as exc:
+            raise StoreUnavailable(f"Milvus at {self.uri} does not answer: {exc}") from exc
+
+    def write(self, window: Window) -> WriteResult:
+        """Upsert the window's rows, trim its documents, remember their versions.
+
+        Idempotent. Raises only when Milvus is unavailable (the caller retries); what
+        Milvus refuses for its data comes back in the result, the rest is written.
+        """
+        try:
+            return self._write(window)
+        except Exception as exc:
+            self._recheck = True  # the next attempt re-reads what exists
+            if is_unavailable(exc):
+                raise
+            raise StoreUnavailable(f"window write failed, not for a row's data: {exc!r}") from exc
+
+    def _write(self, window: Window) -> WriteResult:
+        if self._recheck:
+            self._reload()
+        result = WriteResult()
         rows = list(window.rows.values())
         if rows:
             first = rows[0]
             self.ensure_collection(
                 first.model or "?", int(first.dim or 0), first.sparse is not None
             )
-        elif self.dim is None:
-            return 0  # nothing written yet and only trims: nothing to trim
-        payload = [row_of(v, self.sparse) for v in rows]
-        for start in range(0, len(payload), MAX_REQUEST_ROWS):
-            self.client.upsert(self.name, payload[start : start + MAX_REQUEST_ROWS])
-        expr = trim_filter(window.trims)
-        if expr:
-            self.client.delete(self.name, filter=expr)
-        return len(rows)
+        if self.dim is not None:
+            payload = [(v, row_of(v, self.sparse)) for v in rows]
+            batches = request_batches(
+                payload,
+                [row_bytes(r) for _, r in payload],
+                MAX_REQUEST_ROWS,
+                MAX_REQUEST_BYTES,
+            )
+            for batch in batches:
+                refused = write_splitting(
+                    batch,
+                    lambda part: self.client.upsert(
+                        self.name, [r for _, r in part], timeout=self.timeout
+                    ),
+                    self.answers,
+                )
+                result.refused_rows.extend((v, str(exc)) for (v, _), exc in refused)
+                result.upserted += len(batch) - len(refused)
+            trims = sorted(window.trims.items())
+            refused_trims = write_splitting(
+                trims,
+                lambda part: self.client.delete(
+                    self.name, filter=trim_filter(dict(part)), timeout=self.timeout
+                ),
+                self.answers,
+            )
+            result.refused_trims.extend((doc, str(exc)) for (doc, _), exc in refused_trims)
+        if window.versions:
+            self._remember(window)
+        return result
+
+    def _remember(self, window: Window) -> None:
+        self._ensure_docs()
+        docs = [
+            {
+                "doc_id": doc,
+                "version": version,
+                "chunk_count": window.trims.get(doc, 0),
+                "placeholder": [0.0, 0.0],
+            }
+            for doc, version in sorted(window.versions.items())
+        ]
+        refused = write_splitting(
+            docs,
+            lambda part: self.client.upsert(self.docs_name, list(part), timeout=self.timeout),
+            self.answers,
+        )
+        for row, exc in refused:  # cannot happen with validated messages; never silent
+            log.error("cannot record version of %s: %r", row["doc_id"], exc)
+        bad = {row["doc_id"] for row, _ in refused}
+        for doc, version in window.versions.items():
+            if doc not in bad:
+                self._versions.put(doc, version)
 
     def count(self) -> int:
         if not self.client.has_collection(self.name):
