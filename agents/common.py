@@ -221,14 +221,16 @@ class Outcome:
         self, dlq: faust.TopicT, stage: str, event: EventT, url: str | None = None
     ) -> None:
         self.dlq, self.stage, self.event, self.url = dlq, stage, event, url
-        self.letter: Awaitable | None = None
+        self.letter: asyncio.Future | None = None  # set by the first failure, before it awaits
 
     async def dead_letter(self, error_class: str, error: str) -> Awaitable:
+        """The delivery future of the event's one dead letter (several outputs of one event
+        may fail at once: the first sends it, the others get the same future)."""
         if self.letter is None:
-            self.letter = await dead_letter(
-                self.dlq, self.stage, self.event, error_class, error, 1, self.url
+            self.letter = asyncio.ensure_future(
+                dead_letter(self.dlq, self.stage, self.event, error_class, error, 1, self.url)
             )
-        return self.letter
+        return await self.letter
 
 
 async def produce(

@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 from aiokafka.admin import NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from agents.common import record_size
 from agents.docstate import DocStates
@@ -27,6 +28,7 @@ from streams.settings import Settings
 from streams.topics import CHUNKS, URLS, VECTORS, admin, dlq, stage_lags
 from tests.helpers import Worker, baseline, milvus_rows, publish_urls, run, wait_for
 from tests.test_deadletters import produce, read_dlq
+from tests.test_dlq import read_topic
 
 # --- caps (no broker) ---------------------------------------------------------------------
 
@@ -183,3 +185,53 @@ def milvus_rows_ready(settings: Settings, base: dict[str, int]) -> bool:
     from ragstream.progress import snapshot
 
     return run(snapshot(settings, base)).written >= 1
+
+
+async def lower_limit(settings: Settings, topic: str, limit: int) -> None:
+    client = admin(settings)
+    await client.start()
+    try:
+        res = ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": str(limit)})
+        await client.alter_configs([res])
+    finally:
+        await client.close()
+
+
+@pytest.mark.kafka
+def test_a_message_the_broker_refuses_for_its_size_is_a_dead_letter_too(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The limit a stage read at its start is stale (an operator lowered it since): the
+    broker's refusal is a dead letter, not a crash loop."""
+    s = settings.model_copy(update={"url_partitions": 1})
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "first.txt").write_text("The first page, read while the limit was 1 MB.\n")
+    (site / "big.txt").write_text("internationalization " * 400)
+    (site / "small.txt").write_text("A small page behind the big one.\n")
+    with CorpusServer(site) as server:
+        baseline(s)
+        worker = Worker(s, stages="fetch")
+        try:
+            publish_urls(s, [server.url_of(site / "first.txt")])
+            deadline = time.monotonic() + 180
+            while lags(s)["fetch"] or run(stage_lags(s))[0].end < 1:
+                assert worker.alive() and time.monotonic() < deadline, worker.tail()
+                time.sleep(0.2)
+            run(lower_limit(s, s.topic(CHUNKS), 3000))
+            big, small = (server.url_of(site / n) for n in ("big.txt", "small.txt"))
+            publish_urls(s, [big, small])
+            assert run(read_dlq(s, URLS, 1, timeout_s=180))
+            deadline = time.monotonic() + 120
+            while lags(s)["fetch"]:
+                assert worker.alive() and time.monotonic() < deadline, worker.tail()
+                time.sleep(0.2)
+        finally:
+            worker.stop()
+    # one letter for the page, however many of its messages the broker refused
+    (letter,) = run(read_dlq(s, URLS, 5, timeout_s=3))
+    assert (letter.error_class, letter.url) == ("too_large", normalize_url(big))
+    assert "broker refused" in letter.error, letter.error
+    sent = b"".join(v for _, v in run(read_topic(s, s.topic(CHUNKS))))
+    assert b"A small page behind the big one." in sent  # the page behind went on
+    assert "exiting so the group redelivers" not in worker.tail(10_000)
