@@ -12,15 +12,29 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable
 
 import faust
 from faust.types import EventT
 
-from agents.common import dead_letter, delivered, fatal
+from agents.common import (
+    LIMITS,
+    Outcome,
+    TooLarge,
+    check_size,
+    dead_letter,
+    delivered,
+    fatal,
+    header_int,
+    hop_headers,
+    produce,
+    record_size,
+)
 from agents.docstate import DocStates
 from agents.extractor import ExtractPool, ExtractUnavailable
 from agents.fetcher import Fetcher, FetchFailed
+from agents.retry import RetryForwarder
 from streams.app import dlq_topic, topic
 from streams.chunking import Chunker
 from streams.documents import DocState, page_version, plan_update, trim
@@ -28,8 +42,17 @@ from streams.embedder import resolve_model_path
 from streams.extract import PageRefused
 from streams.ids import normalize_url
 from streams.messages import DecodeError, decode_url, encode_chunk
+from streams.retry import (
+    HOPS,
+    NOT_BEFORE,
+    RETRIES,
+    is_transient,
+    newest,
+    next_retry,
+    superseded,
+)
 from streams.settings import Settings
-from streams.topics import CHUNKS, URLS, state_topic
+from streams.topics import CHUNKS, URLS, retry_delays, retry_topic, state_topic
 
 log = logging.getLogger(__name__)
 STAGE = "fetch"
@@ -40,6 +63,9 @@ def register(app: faust.App, settings: Settings) -> None:
     chunks = topic(app, settings, CHUNKS)
     dlq = dlq_topic(app, settings, URLS)
     state_log = topic(app, settings, state_topic(URLS))
+    delays = retry_delays(settings)
+    retry_out = {n: topic(app, settings, retry_topic(n)) for n in range(1, len(delays) + 1)}
+    LIMITS.configure(settings)
     # url -> DocState: validators and chunk hashes, so an unchanged page is not re-embedded.
     docs = DocStates(settings)
     urls_name = settings.topic(URLS)
@@ -47,6 +73,11 @@ def register(app: faust.App, settings: Settings) -> None:
     @app.on_partitions_assigned.connect
     async def load_states(sender: object, assigned: set, **kwargs: object) -> None:
         await docs.assign(tp.partition for tp in assigned if tp.topic == urls_name)
+
+    @app.task
+    async def forward_retries() -> None:
+        """Due requests from the delay topics back to ``urls`` (see agents/retry.py)."""
+        await RetryForwarder(settings).run()
 
     @app.agent(urls, name="fetch")
     async def fetch(stream: faust.StreamT) -> None:
@@ -76,6 +107,8 @@ def register(app: faust.App, settings: Settings) -> None:
                 await handle(event)
 
         async def handle(event: EventT) -> None:
+            headers = event.message.headers
+            hops, retries = header_int(headers, HOPS), header_int(headers, RETRIES)
             try:
                 req = decode_url(event.message.value)
                 url = normalize_url(req.url)
@@ -83,14 +116,28 @@ def register(app: faust.App, settings: Settings) -> None:
                 cls = getattr(exc, "error_class", "schema")
                 await delivered([await dead_letter(dlq, STAGE, event, cls, str(exc))])
                 return
+            outcome = Outcome(dlq, STAGE, event, url)
             sent: list[Awaitable] = []
             await docs.ready()
-            prev = None if req.force else docs.get(url)
-            state: DocState | None = prev
+            known = docs.get(url)
+            if retries and known is not None and superseded(req.requested_at, known.requested_at):
+                log.info(
+                    "%s: delayed retry %d (requested %s) superseded by a request of %s",
+                    url,
+                    retries,
+                    req.requested_at,
+                    known.requested_at,
+                )
+                return
+            prev = None if req.force else known
+            handled_at = newest(known.requested_at if known else None, req.requested_at)
+            # A page deleted or gone keeps an empty state: it remembers the request time.
+            gone_state = DocState(doc_hash="", hashes=(), requested_at=handled_at)
+            state: DocState | None = None  # stays None unless the request was handled
             no_text = False
             try:
                 if req.delete:
-                    out, state = [trim(url, 0)], None
+                    out, state = [trim(url, 0)], gone_state
                 else:
                     page = await fetcher.fetch(
                         url,
@@ -99,9 +146,11 @@ def register(app: faust.App, settings: Settings) -> None:
                     )
                     if page.not_modified:
                         out = []
+                        if prev is not None:
+                            state = dataclasses.replace(prev, requested_at=handled_at)
                     elif page.gone:
                         log.info("gone (HTTP %d): %s", page.status, url)
-                        out, state = [trim(url, 0)], None
+                        out, state = [trim(url, 0)], gone_state
                     else:
                         new = await extractor.page_chunks(url, page.body, page.content_type)
                         out = plan_update(url, new, prev, req.force)
@@ -111,14 +160,39 @@ def register(app: faust.App, settings: Settings) -> None:
                             hashes=tuple(c.text_hash or "" for c in new),
                             etag=page.etag,
                             last_modified=page.last_modified,
+                            requested_at=handled_at,
                         )
             except FetchFailed as exc:
-                sent.append(
-                    await dead_letter(
-                        dlq, STAGE, event, exc.error_class, str(exc), exc.attempts, url
-                    )
-                )
                 out = []
+                retry = (
+                    next_retry(retries, delays, int(time.time() * 1000))
+                    if is_transient(exc)
+                    else None
+                )
+                if retry is not None:
+                    log.info("%s: %s; delayed retry %d in %gs", url, exc, retry.n, retry.delay_s)
+                    later = [
+                        *(hop_headers(hops) or ()),
+                        (RETRIES, str(retry.n).encode()),
+                        (NOT_BEFORE, str(retry.not_before_ms).encode()),
+                    ]
+                    sent.append(
+                        await produce(
+                            retry_out[retry.n],
+                            event.message.key,
+                            event.message.value,
+                            outcome,
+                            headers=later,
+                            what="delayed request",
+                        )
+                    )
+                else:
+                    note = f" (after {retries} delayed retries)" if retries else ""
+                    sent.append(
+                        await dead_letter(
+                            dlq, STAGE, event, exc.error_class, f"{exc}{note}", exc.attempts, url
+                        )
+                    )
             except PageRefused as exc:  # not text, or over a bound: streams/extract.py
                 sent.append(await dead_letter(dlq, STAGE, event, exc.error_class, str(exc), 1, url))
                 out = []
@@ -128,12 +202,24 @@ def register(app: faust.App, settings: Settings) -> None:
                 log.exception("cannot process %s", url)  # message must not stop the stage
                 sent.append(await dead_letter(dlq, STAGE, event, "extract", repr(exc), 1, url))
                 out = []
+            # Every message is checked before any is sent: a page with one chunk message the
+            # broker can never take is a dead letter as a whole, not half an update.
+            carry = hop_headers(hops)
             # The page's version: the writer never lets an older one replace a newer one.
             version = page_version(event.message.offset, event.message.timestamp)
-            for c in out:
-                c = dataclasses.replace(c, version=version)  # noqa: PLW2901
-                sent.append(await chunks.send(key=c.key(), value=encode_chunk(c)))
-            if no_text and out:
+            out = [dataclasses.replace(c, version=version) for c in out]
+            encoded = [(c.key(), encode_chunk(c)) for c in out]
+            try:
+                for key, value in encoded:
+                    await check_size(chunks, key, value, carry, "chunk message")
+            except TooLarge as exc:
+                sent.append(await outcome.dead_letter(exc.error_class, str(exc)))
+                encoded, state = [], None
+            for key, value in encoded:
+                sent.append(
+                    await produce(chunks, key, value, outcome, headers=carry, what="chunk message")
+                )
+            if no_text and encoded:
                 # After the trim (an emptied page loses its old chunks), made visible.
                 sent.append(
                     await dead_letter(
@@ -141,16 +227,19 @@ def register(app: faust.App, settings: Settings) -> None:
                     )
                 )
             await delivered(sent)
-            log.info("%s: %d chunk messages (offset %d)", url, len(out), event.message.offset)
+            log.info("%s: %d chunk messages (offset %d)", url, len(encoded), event.message.offset)
             # Remember the page only once its chunks are on the broker: a crash before this
             # line re-fetches and re-sends (harmless: same ids), never skips.
-            if state != prev or (state is None and docs.get(url) is not None):
+            if outcome.letter is None and state is not None and state != known:
                 partition = event.message.partition
+                state = state.capped()
                 docs.record(partition, url, state)
+                key = url.encode()
+                room = await LIMITS.of(state_log) - record_size(key, b"")
                 await delivered(
                     [
                         await state_log.send(
-                            key=url.encode(), value=docs.encode(state), partition=partition
+                            key=key, value=docs.encode(state, room), partition=partition
                         )
                     ]
                 )

@@ -110,17 +110,42 @@ def page_version(offset: int, timestamp_s: float | None = None, now_s: float | N
     return ms * VERSION_SLOTS + offset % VERSION_SLOTS
 
 
+STATE_MAX_HASHES = 10_000
+"""Chunk hashes a page's state keeps; chunks past it are re-embedded on every change."""
+VALIDATOR_MAX_CHARS = 1024
+"""Longest ETag / Last-Modified kept; a longer one is dropped (the page is fetched whole)."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class DocState:
-    """What the fetch stage remembers of a page: HTTP validators and its chunks' hashes."""
+    """What the fetch stage remembers of a page: HTTP validators, its chunks' hashes, and
+    the ``requested_at`` of the newest request handled for it (a delayed retry older than
+    that is superseded). A page deleted or gone keeps a state with no hashes, so that an
+    older retry cannot bring it back."""
 
     doc_hash: str
     hashes: tuple[str, ...]
     etag: str | None = None
     last_modified: str | None = None
+    requested_at: str | None = None
+
+    def capped(self) -> DocState:
+        """Within the caps above: a state record must always fit its topic's limit."""
+        etag, modified = self.etag, self.last_modified
+        return dataclasses.replace(
+            self,
+            hashes=self.hashes[:STATE_MAX_HASHES],
+            etag=etag if etag is None or len(etag) <= VALIDATOR_MAX_CHARS else None,
+            last_modified=(
+                modified if modified is None or len(modified) <= VALIDATOR_MAX_CHARS else None
+            ),
+        )
 
     def to_json(self) -> dict[str, object]:
-        return dataclasses.asdict(self) | {"hashes": list(self.hashes)}
+        out = dataclasses.asdict(self) | {"hashes": list(self.hashes)}
+        if out["requested_at"] is None:
+            del out["requested_at"]
+        return out
 
     @classmethod
     def from_json(cls, obj: dict[str, object] | None) -> DocState | None:
@@ -131,6 +156,7 @@ class DocState:
             hashes=tuple(obj["hashes"]),  # type: ignore[arg-type]
             etag=obj.get("etag"),  # type: ignore[arg-type]
             last_modified=obj.get("last_modified"),  # type: ignore[arg-type]
+            requested_at=obj.get("requested_at"),  # type: ignore[arg-type]
         )
 
 

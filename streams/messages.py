@@ -251,25 +251,61 @@ class DeadLetter:
     attempts: int = 1
     url: str | None = None
     failed_at: str = dataclasses.field(default_factory=utcnow)
+    hops: int = 0  # how many times the message was redriven before it failed (again)
+    value_size: int | None = None  # the original value's size, when ``value`` is a prefix
+    value_truncated: bool = False  # ``value`` is only the first bytes of the original
+    key_truncated: bool = False
 
 
-def encode_dead_letter(dl: DeadLetter) -> bytes:
-    return orjson.dumps(
-        {
-            "v": VERSION,
-            "stage": dl.stage,
-            "topic": dl.topic,
-            "partition": dl.partition,
-            "offset": dl.offset,
-            "error_class": dl.error_class,
-            "error": dl.error[:4000],
-            "attempts": dl.attempts,
-            "failed_at": dl.failed_at,
-            "url": dl.url,
-            "key_b64": base64.b64encode(dl.key).decode() if dl.key is not None else None,
-            "value_b64": base64.b64encode(dl.value).decode(),
-        }
-    )
+ERROR_MAX_CHARS = 4000
+KEY_MAX_BYTES = 4096
+"""The envelope copies at most this much of the original key (keys are short by design)."""
+
+
+def encode_dead_letter(dl: DeadLetter, max_bytes: int | None = None) -> bytes:
+    """The envelope; with ``max_bytes``, the original value is cut so that it fits.
+
+    A dead letter that cannot be produced would stop its stage, so the envelope never
+    copies more than the topic takes: the value whole when it fits, else its first bytes
+    with ``value_truncated`` and ``value_size`` saying so.
+    """
+    key = dl.key
+    key_cut = dl.key_truncated
+    if key is not None and len(key) > KEY_MAX_BYTES:
+        key, key_cut = key[:KEY_MAX_BYTES], True
+    obj: dict[str, Any] = {
+        "v": VERSION,
+        "stage": dl.stage,
+        "topic": dl.topic,
+        "partition": dl.partition,
+        "offset": dl.offset,
+        "error_class": dl.error_class,
+        "error": dl.error[:ERROR_MAX_CHARS],
+        "attempts": dl.attempts,
+        "failed_at": dl.failed_at,
+        "url": dl.url[:8192] if dl.url is not None else None,
+        "key_b64": base64.b64encode(key).decode() if key is not None else None,
+        "value_b64": base64.b64encode(dl.value).decode(),
+    }
+    if dl.hops:
+        obj["hops"] = dl.hops
+    if key_cut:
+        obj["key_truncated"] = True
+    if dl.value_truncated:
+        obj["value_truncated"] = True
+        obj["value_size"] = dl.value_size if dl.value_size is not None else len(dl.value)
+    raw = orjson.dumps(obj)
+    if max_bytes is None or len(raw) <= max_bytes:
+        return raw
+    # Cut the value: room left for its base64 (4 characters per 3 bytes), plus the two
+    # fields that say so; what stays is the first bytes, enough to recognise the message.
+    obj["value_b64"] = ""
+    obj["value_truncated"] = True
+    obj["value_size"] = dl.value_size if dl.value_size is not None else len(dl.value)
+    room = max_bytes - len(orjson.dumps(obj))
+    keep = max(room, 0) // 4 * 3
+    obj["value_b64"] = base64.b64encode(dl.value[:keep]).decode()
+    return orjson.dumps(obj)
 
 
 def decode_dead_letter(raw: bytes | None) -> DeadLetter:
@@ -287,4 +323,8 @@ def decode_dead_letter(raw: bytes | None) -> DeadLetter:
         attempts=obj["attempts"],
         url=obj.get("url"),
         failed_at=obj["failed_at"],
+        hops=obj.get("hops", 0),
+        value_size=obj.get("value_size"),
+        value_truncated=obj.get("value_truncated", False),
+        key_truncated=obj.get("key_truncated", False),
     )

@@ -117,6 +117,15 @@ class Settings(BaseSettings):
     )
     fetch_attempts: int = Field(default=4, ge=1, description="Tries before dead-lettering.")
     fetch_backoff_s: float = Field(default=0.5, description="First retry delay (doubles).")
+    fetch_retry_delays: str = Field(
+        default="60,600,3600",
+        pattern=r"^\s*(\d+(\.\d+)?\s*(,\s*\d+(\.\d+)?\s*)*)?$",
+        description=(
+            "Seconds, comma-separated: a page whose transient failures (5xx, timeouts, cut-off "
+            "bodies) outlast fetch_attempts is tried again after each delay in turn, through "
+            "the topics urls.retry.1..N, before it is dead-lettered; empty = dead-letter at once."
+        ),
+    )
     fetch_max_bytes: int = Field(
         default=20_000_000,
         ge=1,
@@ -225,6 +234,16 @@ class Settings(BaseSettings):
         description=(
             "Document versions the writer keeps in memory (least recently used go first); the "
             "others are read from the <collection>_docs collection, which holds them all."
+        ),
+    )
+
+    # --- dead letters ------------------------------------------------------------------
+    dlq_max_redrives: int = Field(
+        default=3,
+        ge=1,
+        description=(
+            "A dead letter whose message was already redriven this many times is parked by "
+            "`dlq redrive` (listed, not sent again), so a failure cannot loop forever."
         ),
     )
 

@@ -92,7 +92,13 @@ async def read_dlq(settings: Settings, topic: str, n: int, timeout_s: float = 18
 
 def test_fetch_stage_dead_letters(settings: Settings, tmp_path: Path, chunker) -> None:
     settings = settings.model_copy(
-        update={"fetch_attempts": 3, "fetch_backoff_s": 0.05, "fetch_timeout_s": 1.0}
+        # no delayed retries: the transient failures here are to be dead letters at once
+        update={
+            "fetch_attempts": 3,
+            "fetch_backoff_s": 0.05,
+            "fetch_timeout_s": 1.0,
+            "fetch_retry_delays": "",
+        }
     )
     site = tmp_path / "site"
     site.mkdir()

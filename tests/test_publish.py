@@ -235,7 +235,9 @@ def test_publish_a_sitemap_and_wait(settings: Settings, tmp_path: Path, chunker)
             return True
         return False
 
-    s = settings.model_copy(update={"fetch_attempts": 2, "fetch_backoff_s": 0.1})
+    s = settings.model_copy(  # no delayed retries: broken.txt is to be a dead letter at once
+        update={"fetch_attempts": 2, "fetch_backoff_s": 0.1, "fetch_retry_delays": ""}
+    )
     with CorpusServer(root, hook=always_500) as server:
         base = server.base_url
         files = [root / n for n in PAGES]
