@@ -181,6 +181,12 @@ async def retrying(
         except Exception as exc:
             if not everything and not is_unavailable(exc):
                 raise
-            log.warning("%s failed (attempt %d), retrying in %.1fs: %r", what, attempt, delay, exc)
+            log.warning(
+                "%s failed (attempt %d), retrying in %.1fs: %s",
+                what,
+                attempt,
+                delay,
+                str(exc) or repr(exc),
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, settings.write_backoff_max_s)

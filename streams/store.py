@@ -249,8 +249,9 @@ _UNAVAILABLE_GRPC = frozenset(
 #: Milvus status codes of the same kind: 2 = service unavailable (pymilvus: connect
 #: failed), 8 = rate limit, 9 = quota exceeded / writes denied (e.g. disk full).
 _UNAVAILABLE_CODES = frozenset({2, 8, 9})
-#: Collection not found (new code 100, legacy 4): dropped under us; recreated on retry.
-_MISSING_COLLECTION_CODES = frozenset({4, 100})
+#: Collection not found (new code 100, legacy 4): dropped under us, recreated on retry;
+#: not loaded (101): a restarted Milvus brings collections back released, loaded on retry.
+_MISSING_COLLECTION_CODES = frozenset({4, 100, 101})
 _UNAVAILABLE_WORDS = ("Retry timeout", "Retry run out", "server unavailable", "not ready")
 
 
@@ -265,10 +266,10 @@ def is_unavailable(exc: BaseException) -> bool:
 
     Unavailable: connection and timeout errors, gRPC ``UNAVAILABLE``/``DEADLINE_EXCEEDED``
     and kin, a server status that says it is retriable, rate limits and quotas, pymilvus'
-    own retries running out, a collection dropped under us. A gRPC message over the size
-    limit is the request's fault (``RESOURCE_EXHAUSTED`` with "larger than max"): halving
-    helps there. Anything else is taken to be the data's fault; :func:`write_splitting`
-    still checks that Milvus answers before it blames a row.
+    own retries running out, a collection dropped or released under us (a restart). A
+    gRPC message over the size limit is the request's fault (``RESOURCE_EXHAUSTED`` with
+    "larger than max"): halving helps there. Anything else is taken to be the data's
+    fault; :func:`write_splitting` still checks that Milvus answers before it blames a row.
     """
     if isinstance(exc, StoreUnavailable | ConnectionError | TimeoutError):
         return True
@@ -508,6 +509,13 @@ class MilvusStore:
 
     def versions(self, docs: Iterable[str]) -> dict[str, int]:
         """The version Milvus holds for each of ``docs`` that has one (cache first)."""
+        try:
+            return self._lookup(docs)
+        except Exception:
+            self._recheck = True  # the next attempt re-reads (and reloads) what exists
+            raise
+
+    def _lookup(self, docs: Iterable[str]) -> dict[str, int]:
         out: dict[str, int] = {}
         missing: list[str] = []
         for doc in sorted(set(docs)):

@@ -264,6 +264,7 @@ class FakeRpcError(grpc.RpcError):
         MilvusException(9, "memory quota exhausted, writes denied"),
         MilvusException(1, "service not ready", retriable=True),
         MilvusException(100, "collection not found[collection=x]"),
+        MilvusException(101, "Collection 'x' is in state 'released'; call load() first"),
         StoreUnavailable("cannot open"),
         ConnectionRefusedError(),
         TimeoutError(),

@@ -135,7 +135,8 @@ def test_writer_poison_matrix(settings: Settings, milvus_server) -> None:  # noq
         ("schema", raw(vector("dim8"), model={"name": "other", "dim": 8}, dense=pack_f32(ONES8))),
         ("milvus_rejected", msg(vector("long-url", url=long_url))),
     ]
-    goods = [vector(f"good{n}") for n in range(len(poisons) + 1)]
+    # Versioned, so the versions collection is written on the served Milvus too.
+    goods = [vector(f"good{n}", version=1_000 + n) for n in range(len(poisons) + 1)]
     items: list[tuple[bytes, bytes]] = [msg(goods[0])]
     for (_, poison), good in zip(poisons, goods[1:], strict=True):
         items += [poison, msg(good)]
@@ -150,6 +151,11 @@ def test_writer_poison_matrix(settings: Settings, milvus_server) -> None:  # noq
         assert time.monotonic() - t0 < 60 + 10, "dead letters took too long"
         assert took < 60
         rows = {r["id"]: r for r in milvus_rows(settings, ("id", "text", "title", "url"))}
+        store = MilvusStore(settings)  # served: readable while the worker runs
+        try:
+            versions = store.versions(v.chunk.doc_id for v in goods)
+        finally:
+            store.close()
         assert worker.alive(), worker.tail()
         assert "retrying" not in worker.log.read_text()  # no data error was retried
     finally:
@@ -166,6 +172,7 @@ def test_writer_poison_matrix(settings: Settings, milvus_server) -> None:  # noq
     # Every good row, and the CJK one cut to the byte limits a Milvus server applies.
     want = {chunk_id(v.chunk.doc_id, 0) for v in [*goods, cjk]}
     assert set(rows) == want
+    assert versions == {v.chunk.doc_id: v.chunk.version for v in goods}
     crow = rows[chunk_id(cjk.chunk.doc_id, 0)]
     assert len(crow["title"].encode()) <= TITLE_MAX_BYTES and crow["title"] == "漢" * 170
     assert len(crow["text"].encode()) <= TEXT_MAX and crow["text"].startswith("字" * 100)
