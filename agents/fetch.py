@@ -131,8 +131,15 @@ def register(app: faust.App, settings: Settings) -> None:
                 return
             prev = None if req.force else known
             handled_at = newest(known.requested_at if known else None, req.requested_at)
+            # The page's version: the writer never lets an older one replace a newer one.
+            # Above the one the state remembers, whatever this worker's clock says.
+            version = page_version(
+                event.message.offset,
+                event.message.timestamp,
+                after=known.version if known is not None else None,
+            )
             # A page deleted or gone keeps an empty state: it remembers the request time.
-            gone_state = DocState(doc_hash="", hashes=(), requested_at=handled_at)
+            gone_state = DocState(doc_hash="", hashes=(), requested_at=handled_at, version=version)
             state: DocState | None = None  # stays None unless the request was handled
             no_text = False
             try:
@@ -161,6 +168,7 @@ def register(app: faust.App, settings: Settings) -> None:
                             etag=page.etag,
                             last_modified=page.last_modified,
                             requested_at=handled_at,
+                            version=version,
                         )
             except FetchFailed as exc:
                 out = []
@@ -205,8 +213,6 @@ def register(app: faust.App, settings: Settings) -> None:
             # Every message is checked before any is sent: a page with one chunk message the
             # broker can never take is a dead letter as a whole, not half an update.
             carry = hop_headers(hops)
-            # The page's version: the writer never lets an older one replace a newer one.
-            version = page_version(event.message.offset, event.message.timestamp)
             out = [dataclasses.replace(c, version=version) for c in out]
             encoded = [(c.key(), encode_chunk(c)) for c in out]
             try:

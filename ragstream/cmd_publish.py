@@ -230,9 +230,12 @@ def summary_lines(
     """The summary printed after ``--wait``: counts since the baseline, failures by reason."""
     failed = failures.failed_urls("fetch")
     head = "TIMED OUT" if timed_out else "done"
+    # Delayed retries come back through ``urls``, so the fetch stage's message count can
+    # exceed the URLs published: once done, every URL was either fetched or failed.
+    fetched = n_urls if not timed_out else min(snap.fetched, n_urls)
     lines = [
         f"summary ({head} after {elapsed_s:.1f}s): {n_urls} URLs",
-        f"  pages fetched:   {max(snap.fetched - failed, 0)}",
+        f"  pages fetched:   {max(fetched - failed, 0)}",
         f"  failed:          {failed}",
         f"  chunks:          {snap.chunks}",
         f"  vectors written: {snap.written}",

@@ -96,18 +96,26 @@ VERSION_SLOTS = 1_000_000
 page within the same millisecond."""
 
 
-def page_version(offset: int, timestamp_s: float | None = None, now_s: float | None = None) -> int:
+def page_version(
+    offset: int,
+    timestamp_s: float | None = None,
+    now_s: float | None = None,
+    after: int | None = None,
+) -> int:
     """The version of a page fetched now for the ``urls`` message at ``offset``: epoch
     milliseconds x 10^6 + offset mod 10^6, so a later fetch of a page has a higher one.
 
     The clock is the later of this machine's and the message's timestamp (``timestamp_s``),
     so a fetch worker whose clock lags cannot give a newer fetch a version below the
-    previous one by more than the lag between the clocks that stamped them. Fits INT64
+    previous one by more than the lag between the clocks that stamped them; ``after``, the
+    version the page state remembers, closes that gap: the result is always above it, so
+    workers with skewed clocks still hand out increasing versions for one page. Fits INT64
     until the year 2262.
     """
     now = time.time() if now_s is None else now_s
     ms = int(max(now, timestamp_s or 0.0) * 1000)
-    return ms * VERSION_SLOTS + offset % VERSION_SLOTS
+    version = ms * VERSION_SLOTS + offset % VERSION_SLOTS
+    return version if after is None else max(version, after + 1)
 
 
 STATE_MAX_HASHES = 10_000
@@ -128,6 +136,7 @@ class DocState:
     etag: str | None = None
     last_modified: str | None = None
     requested_at: str | None = None
+    version: int | None = None  # of the last update sent for the page
 
     def capped(self) -> DocState:
         """Within the caps above: a state record must always fit its topic's limit."""
@@ -143,8 +152,9 @@ class DocState:
 
     def to_json(self) -> dict[str, object]:
         out = dataclasses.asdict(self) | {"hashes": list(self.hashes)}
-        if out["requested_at"] is None:
-            del out["requested_at"]
+        for optional in ("requested_at", "version"):
+            if out[optional] is None:
+                del out[optional]
         return out
 
     @classmethod
@@ -157,6 +167,7 @@ class DocState:
             etag=obj.get("etag"),  # type: ignore[arg-type]
             last_modified=obj.get("last_modified"),  # type: ignore[arg-type]
             requested_at=obj.get("requested_at"),  # type: ignore[arg-type]
+            version=obj.get("version"),  # type: ignore[arg-type]
         )
 
 

@@ -3,6 +3,8 @@ with ``--wait`` through a real pipeline, with one page gone and one that always 
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import asyncio
 import gzip
@@ -206,6 +208,10 @@ def test_summary_lines() -> None:
     assert "summary (done after 3.2s): 6 URLs" in text
     assert "pages fetched:   5" in text and "failed:          1" in text
     assert "fetch http_status: 1  (e.g. u: HTTP 500)" in text
+    # Two delayed retries came back through urls: 8 messages fetched for 6 URLs.
+    retried = dataclasses.replace(snap, urls=8, fetched=8)
+    text = "\n".join(summary_lines(6, retried, fails, 3.2, False))
+    assert "pages fetched:   5" in text and "failed:          1" in text
     late = Snapshot(urls=6, fetched=2, chunks=3, embedded=1, vectors=1, written=0, dead={})
     text = "\n".join(summary_lines(6, late, Failures({}, {}, 2), 9.0, True))
     assert "TIMED OUT" in text and "still in flight: 4 URLs, 2 chunks, 1 vectors" in text

@@ -455,3 +455,13 @@ def test_chunks_schema_is_exact(changes: dict[str, object]) -> None:
     with pytest.raises(DecodeError) as err:
         decode_chunk(orjson.dumps(obj))
     assert err.value.error_class == "schema"
+
+
+def test_page_version_stays_above_the_remembered_one_whatever_the_clock() -> None:
+    """A fetch worker whose clock runs behind must still give a page a newer version than
+    the one its state remembers (else the writer would drop the page's new content)."""
+    remembered = page_version(5, None, now_s=1_700_000_100.0)
+    lagging = page_version(9, None, now_s=1_700_000_000.0, after=remembered)
+    assert lagging == remembered + 1
+    ahead = page_version(9, None, now_s=1_700_000_200.0, after=remembered)
+    assert ahead == page_version(9, None, now_s=1_700_000_200.0)
