@@ -3,10 +3,9 @@ with ``--wait`` through a real pipeline, with one page gone and one that always 
 
 from __future__ import annotations
 
-import dataclasses
-
 import argparse
 import asyncio
+import dataclasses
 import gzip
 import os
 import subprocess
