@@ -54,9 +54,10 @@ def test_rate_limited_flaky_site_loses_no_page(settings) -> None:  # noqa: ANN00
         counts = dict(site.count)
         hits = dict(site.server.hits)
     # the site's limits were hit, and honoured: nothing lost
-    assert counts["429"] > 0 and counts["500"] > 0 and counts["cut"] > 0, counts
-    # ... and the fetcher slowed to the site's pace instead of hammering it (without the
-    # per-host rate it gets hundreds of 429s on these 300 pages)
+    assert counts["500"] > 0 and counts["cut"] > 0, counts
+    # ... and the fetcher slowed to the site's pace instead of hammering it: starting above
+    # the limit it meets a few 429s (2 in a typical run; 0 if a busy machine never lets it
+    # reach 25 requests/s), where without the per-host rate it got 423 on these pages
     assert counts["429"] <= N_PAGES // 10, counts
     missing = {p: site.served.get(p, 0) for p in pages if not site.ok.get(p)}
     assert not missing, (missing, [(d.url, d.error_class, d.error) for d in letters], snap)
