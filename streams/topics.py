@@ -247,9 +247,12 @@ class OffsetReader:
         for stage, base in STAGES.items():
             topic = self.settings.topic(base)
             committed = await self.committed(self.settings.group(stage), topic)
-            end = await self.end(topic)
+            end = 0
             if stage == "fetch":
                 # A request waiting in a delay topic is not done: it comes back to urls.
+                # Each commit is read before the end of the topic its messages go to (the
+                # delay topics' group before urls' end, urls' group before the delay
+                # topics' ends), so a request moving between them is always seen somewhere.
                 names = set(retry_topics(self.settings))
                 if names:
                     offsets = await _group_offsets(self.admin, self.settings.group(RETRY_GROUP))
@@ -258,6 +261,7 @@ class OffsetReader:
                     )
                     for name in names:
                         end += await self.end(name)
+            end += await self.end(topic)
             out.append(StageLag(stage, topic, end, committed))
         return out
 
