@@ -128,9 +128,14 @@ def encoded(body: bytes, encoding: str, ctype: str = "text/plain; charset=utf-8"
 
 
 def slow_drip(interval_s: float, total: int = 10_000) -> Route:
-    """Declares ``total`` bytes and sends one every ``interval_s`` (each read succeeds)."""
+    """Declares ``total`` bytes and sends one every ``interval_s`` (each read succeeds).
+
+    The drip ends when the client goes away or when its ``HostileServer`` closes, so a
+    client that never gives up cannot leave the thread dripping after the test.
+    """
 
     def route(h: BaseHTTPRequestHandler) -> None:
+        closing: threading.Event = getattr(h.server, "closing", None) or threading.Event()
         h.send_response(200)
         h.send_header("Content-Type", "text/plain")
         h.send_header("Content-Length", str(total))
@@ -139,7 +144,8 @@ def slow_drip(interval_s: float, total: int = 10_000) -> Route:
             for _ in range(total):
                 h.wfile.write(b"x")
                 h.wfile.flush()
-                time.sleep(interval_s)
+                if closing.wait(interval_s):
+                    break
         h.close_connection = True
 
     return route
@@ -178,6 +184,7 @@ class HostileServer:
 
         self.httpd = _QuietServer((host, 0), Handler)
         self.httpd.daemon_threads = True
+        self.httpd.closing = threading.Event()  # long routes (slow drips) stop on it
         self.port = self.httpd.server_address[1]
         self.host = host
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -190,6 +197,7 @@ class HostileServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.httpd.closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
