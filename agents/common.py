@@ -26,6 +26,7 @@ from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from faust.types import EventT
 
+from streams.errors import TooLarge
 from streams.messages import DeadLetter, encode_dead_letter
 from streams.retry import HOPS
 from streams.settings import Settings, get_settings
@@ -134,18 +135,6 @@ class SizeLimits:
 
 
 LIMITS = SizeLimits()
-
-
-class TooLarge(Exception):
-    """A message over its topic's limit: it can never be produced."""
-
-    error_class = "too_large"
-
-    def __init__(self, topic: str, size: int, limit: int, what: str = "message") -> None:
-        super().__init__(
-            f"{what} of {size} bytes for {topic} is over the topic's limit of {limit} bytes"
-        )
-        self.topic, self.size, self.limit = topic, size, limit
 
 
 async def check_size(

@@ -17,11 +17,12 @@ from collections.abc import Awaitable
 import faust
 from faust.types import EventT
 
+from agents.app import dlq_topic, topic
 from agents.common import Outcome, dead_letter, delivered, fatal, hop_headers, hops_of, produce
-from streams.app import dlq_topic, topic
 from streams.batching import plan_batches
 from streams.embedder import Embedder
-from streams.messages import Chunk, DecodeError, Sparse, Vector, decode_chunk, encode_vector
+from streams.errors import DecodeError
+from streams.messages import Chunk, Sparse, Vector, decode_chunk, encode_vector
 from streams.settings import Settings
 from streams.topics import CHUNKS, VECTORS
 

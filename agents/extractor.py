@@ -34,6 +34,7 @@ import orjson
 
 from streams.chunking import Chunker
 from streams.documents import PageLimits
+from streams.errors import ExtractUnavailable
 from streams.extract import (
     ExtractTimeout,
     PageRefused,
@@ -58,10 +59,6 @@ _REFUSALS: dict[str, type[PageRefused]] = {
 
 #: Longest wait for a new child to import its modules and build its chunker.
 _STARTUP_S = 120.0
-
-
-class ExtractUnavailable(RuntimeError):
-    """No child process could be started: the stage is broken, not the page."""
 
 
 class _Child:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable
 import faust
 from faust.types import EventT
 
+from agents.app import dlq_topic, topic
 from agents.common import (
     LIMITS,
     Outcome,
@@ -32,16 +33,15 @@ from agents.common import (
     record_size,
 )
 from agents.docstate import DocStates
-from agents.extractor import ExtractPool, ExtractUnavailable
-from agents.fetcher import Fetcher, FetchFailed
+from agents.extractor import ExtractPool
+from agents.fetcher import Fetcher
 from agents.retry import RetryForwarder
-from streams.app import dlq_topic, topic
 from streams.chunking import Chunker
 from streams.documents import DocState, page_version, plan_update, trim
 from streams.embedder import resolve_model_path
-from streams.extract import PageRefused
+from streams.errors import DecodeError, ExtractUnavailable, FetchFailed, PageRefused
 from streams.ids import normalize_url
-from streams.messages import DecodeError, decode_url, encode_chunk
+from streams.messages import decode_url, encode_chunk
 from streams.retry import (
     HOPS,
     NOT_BEFORE,

@@ -40,7 +40,7 @@ from urllib.parse import urldefrag, urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from agents.netguard import ForbiddenAddress, GuardedTransport, Resolver
+from agents.netguard import GuardedTransport, Resolver
 from agents.politeness import (
     ROBOTS_MAX_BYTES,
     HostKey,
@@ -50,6 +50,7 @@ from agents.politeness import (
     host_key,
     origin,
 )
+from streams.errors import FetchFailed, ForbiddenAddress
 from streams.netpolicy import parse_host_address
 from streams.settings import Settings
 
@@ -83,29 +84,6 @@ class Page:
     @property
     def not_modified(self) -> bool:
         return self.status == 304
-
-
-class FetchFailed(Exception):
-    """The page could not be had after ``attempts`` tries; ``error_class`` says why.
-
-    ``transient`` failures may heal by themselves (retry later); the others will not.
-    ``status`` is the HTTP status of the last answer, when there was one.
-    """
-
-    def __init__(
-        self,
-        error_class: str,
-        message: str,
-        attempts: int = 1,
-        *,
-        transient: bool = False,
-        status: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.error_class = error_class
-        self.attempts = attempts
-        self.transient = transient
-        self.status = status
 
 
 def retry_after_s(

@@ -24,14 +24,11 @@ import anyio
 import httpcore
 import httpx
 
+from streams.errors import ForbiddenAddress
 from streams.netpolicy import AddressPolicy, parse_address
 
 #: host, port -> addresses as the OS resolver gives them (numeric strings).
 Resolver = Callable[[str, int], Awaitable[list[str]]]
-
-
-class ForbiddenAddress(Exception):
-    """The host resolved to an address the policy refuses; nothing was sent to it."""
 
 
 async def system_resolve(host: str, port: int) -> list[str]:

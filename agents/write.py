@@ -26,9 +26,10 @@ from typing import TypeVar
 import faust
 from faust.types import EventT
 
+from agents.app import dlq_topic, topic
 from agents.common import dead_letter, delivered, fatal
-from streams.app import dlq_topic, topic
-from streams.messages import DecodeError, Vector, decode_vector
+from streams.errors import DecodeError
+from streams.messages import Vector, decode_vector
 from streams.settings import Settings
 from streams.store import MilvusStore, is_unavailable, reduce_window, refusal
 from streams.topics import VECTORS

@@ -22,10 +22,10 @@ from rich.console import Console
 from bench.pipeline import PipelineOptions, run_pipeline, warmup_hook
 from bench.report import BenchResult, percentile, render
 from bench.runs import build_workload, naive_settings, run_bare, run_naive
-from ragstream.corpus import CorpusServer, corpus_files, ensure_django_docs, subset
-from ragstream.errors import RagstreamError
+from devtools.corpus import CorpusServer, corpus_files, ensure_django_docs, subset
 from streams.chunking import Chunker
 from streams.embedder import resolve_model_path
+from streams.errors import RagstreamError
 from streams.settings import MINILM, Settings
 
 #: Pages by default: about 200k tokens, a few minutes for all three runs on two CPU cores.

@@ -32,10 +32,10 @@ from rich.console import Console
 from bench.latency import SearchableTracker
 from bench.report import MODEL_LOADED, busy_from_log, device_from_log, stage_of
 from bench.runs import Workload
-from ragstream import kafka_local
-from ragstream.corpus import CorpusServer
-from ragstream.progress import Snapshot, snapshot_raw, wait_indexed
-from ragstream.publisher import publish
+from devtools import kafka_local
+from devtools.corpus import CorpusServer
+from ops.progress import Snapshot, snapshot_raw, wait_indexed
+from ops.publisher import publish
 from streams.chunking import Chunker
 from streams.documents import page_chunks
 from streams.ids import doc_id, normalize_url

@@ -73,7 +73,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 def stage_of(cmdline: Sequence[str]) -> str | None:
     """Which stage a worker process runs, from its command line.
 
-    ``python -m ragstream.worker --stage embed`` (a supervisor's child) and ``ragstream
+    ``python -m agents.supervisor --stage embed`` (a supervisor's child) and ``ragstream
     worker --stages embed`` (a single stage run in place) are that stage; ``--stages`` with
     several stages is the supervisor; anything else (None) is not ours to label.
     """

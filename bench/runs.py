@@ -24,7 +24,7 @@ from streams.settings import Settings
 from streams.store import MAX_REQUEST_ROWS, MilvusStore, row_of
 
 if TYPE_CHECKING:
-    from ragstream.corpus import CorpusServer
+    from devtools.corpus import CorpusServer
     from streams.embedder import Embedder
 
 #: Fixed-size batching the bare run also tries: sorted by length, this many texts a call.

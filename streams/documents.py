@@ -7,7 +7,8 @@ import dataclasses
 import time
 
 from streams.chunking import Chunker
-from streams.extract import MAX_DEPTH, MAX_TEXT_CHARS, TooManyChunks, extract_text
+from streams.errors import TooManyChunks
+from streams.extract import MAX_DEPTH, MAX_TEXT_CHARS, extract_text
 from streams.ids import doc_id, text_hash
 from streams.messages import Chunk, utcnow
 from streams.settings import Settings

@@ -30,6 +30,15 @@ from urllib.parse import urlsplit
 
 from selectolax.lexbor import LexborHTMLParser, LexborNode
 
+from streams.errors import (
+    ExtractTimeout,
+    PageRefused,
+    PageTooDeep,
+    PageTooLarge,
+    TooManyChunks,
+    UnsupportedContent,
+)
+
 __all__ = [
     "MAX_DEPTH",
     "MAX_TEXT_CHARS",
@@ -50,46 +59,6 @@ MAX_DEPTH = 512
 MAX_SPACE_RUN = 100
 #: Most characters of a title (Milvus stores at most 512 bytes of it; the writer cuts bytes).
 MAX_TITLE_CHARS = 512
-
-
-class PageRefused(ValueError):
-    """A page that will not be indexed, and why: ``error_class`` is its dead-letter class.
-
-    A ``ValueError`` so a caller that dead-letters bad input catches it with the rest; the
-    subclasses are the documented ways a page is refused (the fuzz test allows no other).
-    """
-
-    error_class = "extract"
-
-
-class UnsupportedContent(PageRefused):
-    """The body is not text we can index (an image, a PDF, an opaque binary...)."""
-
-    error_class = "unsupported_content"
-
-
-class PageTooLarge(PageRefused):
-    """The extracted text is longer than the limit (``RAGSTREAM_EXTRACT_MAX_CHARS``)."""
-
-    error_class = "too_large"
-
-
-class PageTooDeep(PageRefused):
-    """The HTML nests elements deeper than the limit (``RAGSTREAM_EXTRACT_MAX_DEPTH``)."""
-
-    error_class = "too_deep"
-
-
-class TooManyChunks(PageRefused):
-    """The page would make more chunks than the limit (``RAGSTREAM_CHUNK_MAX_PER_PAGE``)."""
-
-    error_class = "too_many_chunks"
-
-
-class ExtractTimeout(PageRefused):
-    """Extracting and chunking the page took longer than ``RAGSTREAM_EXTRACT_DEADLINE_S``."""
-
-    error_class = "extract_timeout"
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,20 +21,13 @@ import numpy as np
 import orjson
 from jsonschema import Draft202012Validator, ValidationError, validators
 
+from streams.errors import DecodeError
 from streams.ids import normalize_url
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 VERSION = 1
 
 Op = Literal["upsert", "delete"]
-
-
-class DecodeError(ValueError):
-    """A message that cannot be used: ``error_class`` is ``decode`` (not JSON) or ``schema``."""
-
-    def __init__(self, error_class: str, message: str) -> None:
-        super().__init__(message)
-        self.error_class = error_class
 
 
 def utcnow() -> str:

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from streams.errors import SchemaMismatch, StoreUnavailable
 from streams.ids import chunk_id
 from streams.messages import Vector
 from streams.settings import Settings
@@ -46,14 +47,6 @@ LOOKUP_BATCH = 1000  # doc ids per version query
 DOCS_SUFFIX = "_docs"
 
 T = TypeVar("T")
-
-
-class StoreUnavailable(RuntimeError):
-    """Milvus cannot be opened or written now; the caller retries (it is not the data)."""
-
-
-class SchemaMismatch(ValueError):
-    """A vector that does not fit the collection (another model or dimension)."""
 
 
 # --- pure logic -----------------------------------------------------------------------------

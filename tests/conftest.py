@@ -32,7 +32,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if given:
         yield given
         return
-    from ragstream import kafka_local
+    from devtools import kafka_local
 
     home = tmp_path_factory.mktemp("kafka-home")
     port = kafka_local.free_port()
@@ -67,7 +67,7 @@ def settings(broker: str, tmp_path: Path) -> Settings:
 
 @pytest.fixture(scope="session")
 def django_docs() -> Path:
-    from ragstream.corpus import ensure_django_docs
+    from devtools.corpus import ensure_django_docs
 
     return ensure_django_docs(Settings().cache_dir)
 
@@ -86,7 +86,7 @@ class MilvusServer:
     writes (Lite allows one process per file), and stop Milvus to test an outage."""
 
     def __init__(self, data_dir: Path) -> None:
-        from ragstream.kafka_local import free_port
+        from devtools.kafka_local import free_port
 
         self.data_dir = data_dir
         self.port = free_port()

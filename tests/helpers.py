@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ragstream.corpus import CorpusServer
-from ragstream.progress import Snapshot, snapshot_raw, wait_indexed
-from ragstream.publisher import publish
+from devtools.corpus import CorpusServer
+from ops.progress import Snapshot, snapshot_raw, wait_indexed
+from ops.publisher import publish
 from streams.chunking import Chunker
 from streams.documents import page_chunks
 from streams.ids import chunk_id, normalize_url

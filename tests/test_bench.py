@@ -83,7 +83,7 @@ def test_result_json_has_nulls_for_what_was_not_measured() -> None:
 
 def test_stage_of_command_lines() -> None:
     py = "/venv/bin/python"
-    assert stage_of([py, "-m", "ragstream.worker", "--stage", "embed"]) == "embed"
+    assert stage_of([py, "-m", "agents.supervisor", "--stage", "embed"]) == "embed"
     assert stage_of([py, "-m", "ragstream.cli", "worker", "--stages", "write"]) == "write"
     assert stage_of([py, "-m", "ragstream.cli", "worker", "--stages=fetch"]) == "fetch"
     assert (
@@ -161,7 +161,7 @@ def test_searchable_only_when_every_vector_is_committed() -> None:
 def test_bench_runs_end_to_end(broker: str, tmp_path: Path, django_docs: Path, chunker) -> None:
     """``python -m bench --docs 3 --skip-naive``: the bare run and the pipeline on a real
     broker; the JSON line agrees with the chunker, and Milvus was verified."""
-    from ragstream.corpus import corpus_files, subset
+    from devtools.corpus import corpus_files, subset
     from streams.documents import page_chunks
 
     env = {k: v for k, v in os.environ.items() if k not in ("MILVUS_URI", "RAGSTREAM_MILVUS_URI")}

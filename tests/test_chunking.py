@@ -66,7 +66,7 @@ def django_doc() -> str:
                 member = tar.extractfile(DJANGO_DOC)
                 assert member is not None
                 return member.read().decode("utf-8")
-    pytest.skip("no local django==5.2.19 sdist (ragstream.corpus.ensure_django_docs fetches it)")
+    pytest.skip("no local django==5.2.19 sdist (devtools.corpus.ensure_django_docs fetches it)")
 
 
 def token_offsets(tokenizer: Any, text: str) -> list[tuple[int, int]]:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ragstream.corpus import CorpusServer, corpus_files, subset
-from ragstream.progress import snapshot
+from devtools.corpus import CorpusServer, corpus_files, subset
+from ops.progress import snapshot
 from streams.settings import Settings
 from tests.helpers import (
     Worker,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from ragstream.corpus import CorpusServer
+from devtools.corpus import CorpusServer
 from streams.ids import doc_id, normalize_url, text_hash
 from streams.messages import (
     Chunk,
@@ -213,7 +213,7 @@ def test_embed_and_write_dead_letters(settings: Settings) -> None:
 
 
 async def snapshot_written(settings: Settings, base: dict[str, int]) -> int:
-    from ragstream.progress import snapshot
+    from ops.progress import snapshot
 
     return (await snapshot(settings, base)).written
 

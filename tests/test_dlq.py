@@ -17,9 +17,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from ragstream import cli
-from ragstream.cmd_dlq import format_rows
-from ragstream.deadletters import (
+from ops.deadletters import (
     INVALID,
     METADATA_PREFIX,
     REDRIVE_GROUP,
@@ -30,6 +28,8 @@ from ragstream.deadletters import (
     parse_since,
     redrive,
 )
+from ragstream import cli
+from ragstream.cli.dlq import format_rows
 from streams.messages import DeadLetter, UrlRequest, decode_url, encode_dead_letter, encode_url
 from streams.settings import Settings, get_settings
 from streams.topics import CHUNKS, URLS, VECTORS, admin, dlq, ensure_topics, topic_end_offsets

@@ -12,9 +12,9 @@ import numpy as np
 import psutil
 import pytest
 
-from ragstream import kafka_local
-from ragstream.corpus import CorpusServer, corpus_files, subset
-from ragstream.progress import Snapshot, snapshot
+from devtools import kafka_local
+from devtools.corpus import CorpusServer, corpus_files, subset
+from ops.progress import Snapshot, snapshot
 from streams.settings import Settings
 from tests.helpers import (
     Worker,

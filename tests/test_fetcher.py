@@ -18,9 +18,10 @@ import httpcore
 import httpx
 import pytest
 
-from agents.fetcher import BodyReader, Fetcher, FetchFailed, retry_after_s
-from agents.netguard import ForbiddenAddress, GuardedBackend
+from agents.fetcher import BodyReader, Fetcher, retry_after_s
+from agents.netguard import GuardedBackend
 from agents.politeness import HostRate, Politeness, Robots, host_key
+from streams.errors import FetchFailed, ForbiddenAddress
 from streams.netpolicy import AddressPolicy
 from streams.settings import Settings
 from tests.hostile import (

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ragstream.corpus import CorpusServer
-from ragstream.progress import snapshot
+from devtools.corpus import CorpusServer
+from ops.progress import snapshot
 from streams.ids import doc_id, normalize_url
 from streams.settings import Settings
 from tests.helpers import Worker, baseline, expected_index, milvus_rows, publish_urls, run, wait_for

@@ -55,8 +55,8 @@ def _ppid(pid: int) -> int | None:
 
 
 def stage_pid(worker: Worker, stage: str, timeout_s: float = 60) -> int:
-    """The pid of the worker's child running ``stage`` (``python -m ragstream.worker
-    --stage <stage>``, see ragstream/worker.py), read from /proc (no psutil)."""
+    """The pid of the worker's child running ``stage`` (``python -m agents.supervisor
+    --stage <stage>``, see agents/supervisor.py), read from /proc (no psutil)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for entry in Path("/proc").iterdir():

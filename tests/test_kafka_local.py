@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from ragstream import kafka_local
-from ragstream.errors import RagstreamError
+from devtools import kafka_local
+from streams.errors import RagstreamError
 from streams.settings import Settings, get_settings
 
 

@@ -13,7 +13,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from agents.common import record_size
 from agents.docstate import DocStates
-from ragstream.corpus import CorpusServer
+from devtools.corpus import CorpusServer
 from streams.documents import VALIDATOR_MAX_CHARS, DocState
 from streams.ids import doc_id, normalize_url, text_hash
 from streams.messages import (
@@ -182,7 +182,7 @@ def test_a_vector_over_the_topic_limit_is_a_dead_letter_and_its_envelope_is_cut(
 
 
 def milvus_rows_ready(settings: Settings, base: dict[str, int]) -> bool:
-    from ragstream.progress import snapshot
+    from ops.progress import snapshot
 
     return run(snapshot(settings, base)).written >= 1
 

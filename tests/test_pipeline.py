@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ragstream.corpus import CorpusServer, corpus_files, subset
+from devtools.corpus import CorpusServer, corpus_files, subset
 from streams.settings import Settings
 from tests.helpers import (
     Worker,

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from agents.extractor import ExtractPool
-from ragstream.corpus import CorpusServer
+from devtools.corpus import CorpusServer
 from streams.chunking import Chunker
 from streams.documents import page_chunks
-from streams.extract import ExtractTimeout, PageRefused, PageTooDeep, UnsupportedContent
+from streams.errors import ExtractTimeout, PageRefused, PageTooDeep, UnsupportedContent
 from streams.ids import normalize_url
 from streams.settings import MINILM, Settings
 from streams.topics import URLS, stage_lags

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from ragstream.progress import snapshot
+from ops.progress import snapshot
 from streams.topics import URLS
 from tests.helpers import Worker, baseline, milvus_rows, publish_urls, run, wait_for
 from tests.hostile import FlakySite

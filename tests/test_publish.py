@@ -15,16 +15,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ragstream.cmd_publish import Failures, parse_urls, split_args, summary_lines
-from ragstream.corpus import CorpusServer
-from ragstream.progress import Snapshot
-from ragstream.sitemaps import (
+from devtools.corpus import CorpusServer
+from ops.progress import Snapshot
+from ops.sitemaps import (
     SitemapError,
     gunzip,
     is_sitemap_ref,
     parse_sitemap,
     read_sitemaps,
 )
+from ragstream.cli.publish import Failures, parse_urls, split_args, summary_lines
 from streams.settings import Settings
 from tests.helpers import Worker, expected_index, milvus_rows
 

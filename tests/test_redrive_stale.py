@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from ragstream.cmd_dlq import format_rows
-from ragstream.corpus import CorpusServer
-from ragstream.deadletters import Filters, list_letters, redrive
+from devtools.corpus import CorpusServer
+from ops.deadletters import Filters, list_letters, redrive
+from ragstream.cli.dlq import format_rows
 from streams.documents import page_chunks
 from streams.ids import chunk_id, normalize_url
 from streams.messages import DeadLetter, decode_url, encode_chunk, encode_dead_letter

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from ragstream.corpus import CorpusServer
-from ragstream.errors import RagstreamError
-from ragstream.replay import (
+from devtools.corpus import CorpusServer
+from ops.replay import (
     PartitionState,
     Target,
     apply_plan,
@@ -26,6 +25,7 @@ from ragstream.replay import (
     read_plan,
     resume_offset,
 )
+from streams.errors import RagstreamError
 from streams.settings import Settings
 from streams.topics import CHUNKS, admin, ensure_topics, stage_lags
 from tests.helpers import Worker, baseline, expected_index, milvus_rows, publish_urls, wait_for

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agents.fetcher import FetchFailed
-from ragstream.corpus import CorpusServer
+from devtools.corpus import CorpusServer
+from streams.errors import FetchFailed
 from streams.retry import is_transient, newest, next_retry, superseded
 from streams.settings import Settings
 from streams.topics import URLS, retry_delays, retry_topics, stage_lags, topic_specs

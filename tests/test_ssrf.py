@@ -18,8 +18,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from ragstream.sitemaps import read_sitemaps
-from ragstream.webhooks import create_app
+from ops.sitemaps import read_sitemaps
+from ops.webhooks import create_app
 from streams.ids import normalize_url
 from streams.settings import Settings
 from streams.topics import URLS

@@ -27,9 +27,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from ragstream import kafka_local
-from ragstream.errors import RagstreamError
-from ragstream.webhooks import PUBLISHER, create_app, glob_regex, sign, signature_ok
+from devtools import kafka_local
+from ops.webhooks import PUBLISHER, create_app, glob_regex, sign, signature_ok
+from streams.errors import RagstreamError
 from streams.messages import UrlRequest, decode_url
 from streams.settings import Settings
 from streams.topics import URLS, topic_end_offsets
@@ -418,7 +418,7 @@ def gh_push(body: bytes, delivery: str) -> dict:
 
 def test_delivery_log() -> None:
     """Pure: claimed keys are in flight until committed or released; expiry; the size cap."""
-    from ragstream.webhooks import DeliveryLog
+    from ops.webhooks import DeliveryLog
 
     log = DeliveryLog(retention_s=100, max_entries=3)
     assert log.claim(["a", "b"], now=0) is None
@@ -439,7 +439,7 @@ def test_delivery_log() -> None:
 
 def test_urls_headers_match_the_documented_scheme() -> None:
     """The helper senders can import signs exactly what docs/webhooks.md says."""
-    from ragstream.webhooks import urls_headers
+    from ops.webhooks import urls_headers
 
     body = b'{"urls": ["https://example.com/"]}'
     got = urls_headers(SECRET, body, timestamp=1_700_000_000, delivery="d-1")
@@ -449,7 +449,7 @@ def test_urls_headers_match_the_documented_scheme() -> None:
 def test_every_url_is_validated() -> None:
     """Pure: a bad 3rd message is found, not only a bad 1st (the old check validated the
     first message against the schema and the others' URL length only)."""
-    from ragstream.webhooks import BadRequest, check_requests, plan_urls
+    from ops.webhooks import BadRequest, check_requests, plan_urls
 
     ok = [UrlRequest(url=f"https://example.com/{i}", source="x") for i in range(2)]
     bad = UrlRequest(url="https://example.com/2", source="s" * 300)

@@ -12,7 +12,7 @@ import numpy as np
 import orjson
 import pytest
 
-from ragstream.progress import snapshot
+from ops.progress import snapshot
 from streams.ids import chunk_id, doc_id, normalize_url, text_hash
 from streams.messages import Chunk, DeadLetter, Vector, encode_vector, pack_f32
 from streams.settings import Settings

@@ -26,7 +26,7 @@ from typing import Literal, TypeVar
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from ragstream.errors import RagstreamError
+from streams.errors import RagstreamError
 from streams.settings import Settings
 from streams.topics import STAGES, admin
 

@@ -21,11 +21,11 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ragstream import kafka_local
-from ragstream.corpus import CorpusServer, corpus_files, ensure_django_docs, subset
-from ragstream.errors import RagstreamError
-from ragstream.progress import Snapshot, snapshot_raw, wait_indexed
-from ragstream.publisher import publish
+from devtools import kafka_local
+from devtools.corpus import CorpusServer, corpus_files, ensure_django_docs, subset
+from ops.progress import Snapshot, snapshot_raw, wait_indexed
+from ops.publisher import publish
+from streams.errors import RagstreamError
 from streams.messages import UrlRequest
 from streams.settings import MINILM, Settings, get_settings
 from streams.store import MilvusStore
@@ -150,7 +150,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         store.close()
     if snap.dead:
         console.print(f"[yellow]Dead letters:[/] {snap.dead} (see `ragstream dlq list`)")
-    from ragstream.cmd_search import format_hit, search  # noqa: PLC0415
+    from ragstream.cli.search import format_hit, search  # noqa: PLC0415
 
     os.environ["RAGSTREAM_MODEL"] = settings.model
     get_settings.cache_clear()

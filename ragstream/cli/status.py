@@ -6,7 +6,7 @@ import argparse
 import asyncio
 from typing import Any
 
-from ragstream.errors import RagstreamError
+from streams.errors import RagstreamError
 from streams.settings import get_settings
 from streams.topics import CHUNKS, URLS, VECTORS, dlq, stage_lags, topic_end_offsets
 

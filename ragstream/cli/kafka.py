@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from ragstream import kafka_local
+from devtools import kafka_local
 from streams.settings import get_settings
 
 #: Exit status of ``ragstream kafka status`` when no broker runs.

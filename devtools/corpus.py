@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
-from ragstream.errors import RagstreamError
+from streams.errors import RagstreamError
 
 log = logging.getLogger(__name__)
 

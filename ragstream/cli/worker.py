@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ragstream.errors import RagstreamError
-from ragstream.worker import run_stage, supervise
+from agents.supervisor import run_stage, supervise
+from streams.errors import RagstreamError
 from streams.settings import get_settings
 from streams.topics import STAGES
 

@@ -23,12 +23,12 @@ from aiokafka.errors import KafkaConnectionError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ragstream.errors import RagstreamError
-from ragstream.progress import Snapshot, snapshot_raw, wait_indexed
-from ragstream.publisher import publish
-from ragstream.sitemaps import MAX_DEPTH, is_sitemap_ref, read_sitemaps
+from ops.progress import Snapshot, snapshot_raw, wait_indexed
+from ops.publisher import publish
+from ops.sitemaps import MAX_DEPTH, is_sitemap_ref, read_sitemaps
+from streams.errors import DecodeError, RagstreamError
 from streams.ids import normalize_url
-from streams.messages import DecodeError, UrlRequest, decode_dead_letter
+from streams.messages import UrlRequest, decode_dead_letter
 from streams.settings import Settings, get_settings
 from streams.topics import CHUNKS, URLS, VECTORS, dlq, ensure_topics
 

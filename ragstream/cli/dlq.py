@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from ragstream.deadletters import (
+from ops.deadletters import (
     INVALID,
     Entry,
     Filters,
@@ -23,7 +23,7 @@ from ragstream.deadletters import (
     parse_since,
     redrive,
 )
-from ragstream.errors import RagstreamError
+from streams.errors import RagstreamError
 from streams.settings import Settings, get_settings
 from streams.topics import STAGES
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ragstream.errors import RagstreamError
+from streams.errors import RagstreamError
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -6,9 +6,9 @@ import argparse
 import textwrap
 from typing import Any
 
-from ragstream.errors import RagstreamError
+from streams.errors import RagstreamError, StoreUnavailable
 from streams.settings import get_settings
-from streams.store import Hit, MilvusStore, StoreUnavailable
+from streams.store import Hit, MilvusStore
 
 
 def register(subparsers: Any) -> None:

@@ -15,8 +15,7 @@ from typing import Any
 
 from aiokafka.errors import KafkaConnectionError
 
-from ragstream.errors import RagstreamError
-from ragstream.replay import (
+from ops.replay import (
     Plan,
     Target,
     apply_plan,
@@ -25,6 +24,7 @@ from ragstream.replay import (
     parse_datetime,
     read_plan,
 )
+from streams.errors import RagstreamError
 from streams.settings import get_settings
 from streams.topics import STAGES
 

@@ -1,7 +1,8 @@
 """The `ragstream` command: one sub-command per module, each registering itself.
 
-Each ``ragstream/cmd_*.py`` module exposes ``register(subparsers)``; adding a command is
-adding a module and one line in ``COMMANDS``.
+Each ``ragstream/cli/<verb>.py`` module exposes ``register(subparsers)``; adding a command is
+adding a module and one line in ``COMMANDS``. Modules here parse and print only: the work
+is done by the libraries in ``ops/``, ``agents/`` and ``streams/``.
 """
 
 from __future__ import annotations
@@ -11,18 +12,18 @@ import importlib
 import logging
 import sys
 
-from ragstream.errors import RagstreamError
+from streams.errors import RagstreamError
 
 COMMANDS = [
-    "ragstream.cmd_kafka",
-    "ragstream.cmd_publish",
-    "ragstream.cmd_worker",
-    "ragstream.cmd_search",
-    "ragstream.cmd_demo",
-    "ragstream.cmd_status",
-    "ragstream.cmd_webhooks",
-    "ragstream.cmd_replay",
-    "ragstream.cmd_dlq",
+    "ragstream.cli.kafka",
+    "ragstream.cli.publish",
+    "ragstream.cli.worker",
+    "ragstream.cli.search",
+    "ragstream.cli.demo",
+    "ragstream.cli.status",
+    "ragstream.cli.webhooks",
+    "ragstream.cli.replay",
+    "ragstream.cli.dlq",
 ]
 
 

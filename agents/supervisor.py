@@ -31,7 +31,7 @@ def run_stage(settings: Settings, stage: str) -> None:
     """Run one stage in this process until it is stopped (SIGTERM/SIGINT)."""
     import faust  # noqa: PLC0415
 
-    from streams.app import create_app  # noqa: PLC0415
+    from agents.app import create_app  # noqa: PLC0415
 
     asyncio.run(ensure_topics(settings))
     if stage != "embed" and settings.io_nice:
@@ -59,7 +59,7 @@ def _die_with_parent() -> None:
 
 
 def stage_command(stage: str) -> list[str]:
-    return [sys.executable, "-m", "ragstream.worker", "--stage", stage]
+    return [sys.executable, "-m", "agents.supervisor", "--stage", stage]
 
 
 def supervise(stages: list[str], fetchers: int = 1) -> int:
@@ -103,7 +103,7 @@ def supervise(stages: list[str], fetchers: int = 1) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ragstream.worker")
+    parser = argparse.ArgumentParser(prog="python -m agents.supervisor")
     parser.add_argument("--stage", required=True, choices=list(STAGES))
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -24,8 +24,8 @@ from xml.etree import ElementTree as ET
 
 import httpx
 
-from agents.fetcher import Fetcher, FetchFailed
-from ragstream.errors import RagstreamError
+from agents.fetcher import Fetcher
+from streams.errors import FetchFailed, SitemapError
 from streams.settings import Settings, get_settings
 
 #: The protocol allows 50 MB uncompressed per file; a little slack, then refuse.
@@ -34,10 +34,6 @@ MAX_DEPTH = 3
 GZIP_MAGIC = b"\x1f\x8b"
 
 Kind = Literal["urlset", "sitemapindex"]
-
-
-class SitemapError(RagstreamError):
-    """A sitemap that cannot be read or is not a sitemap; the message names it and why."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -12,8 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
-from ragstream.errors import RagstreamError
-from ragstream.webhooks import create_app
+from ops.webhooks import create_app
+from streams.errors import RagstreamError
 from streams.settings import get_settings
 
 log = logging.getLogger(__name__)

@@ -43,9 +43,9 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from jsonschema import Draft202012Validator
 
-from ragstream.errors import RagstreamError
+from streams.errors import BadRequest, DecodeError, KafkaUnavailable, RagstreamError, Rejected
 from streams.ids import normalize_url
-from streams.messages import DecodeError, UrlRequest, decode_url, encode_url, utcnow, validator
+from streams.messages import UrlRequest, decode_url, encode_url, utcnow, validator
 from streams.settings import Settings
 from streams.topics import DELIVERIES, URLS, ensure_topics
 
@@ -64,18 +64,6 @@ READY_TIMEOUT_S = 3.0
 LOAD_TIMEOUT_S = 120.0
 #: First and longest delay between attempts to reach Kafka at startup.
 CONNECT_BACKOFF_S = (0.5, 10.0)
-
-
-class BadRequest(ValueError):
-    """The request's content is wrong; the message is sent back to the caller (400)."""
-
-
-class Rejected(Exception):
-    """A request refused before anything was published; answered as ``{"error": message}``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 # --- signatures -------------------------------------------------------------------------
@@ -595,10 +583,6 @@ class Deliveries:
 
 
 # --- Kafka ------------------------------------------------------------------------------
-
-
-class KafkaUnavailable(Exception):
-    """The broker did not acknowledge in time (503)."""
 
 
 class Publisher:
