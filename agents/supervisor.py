@@ -62,14 +62,22 @@ def stage_command(stage: str) -> list[str]:
     return [sys.executable, "-m", "agents.supervisor", "--stage", stage]
 
 
-def supervise(stages: list[str], fetchers: int = 1) -> int:
-    """Run ``stages`` as child processes; restart any that exits until told to stop."""
+def supervise(settings: Settings, stages: list[str], fetchers: int = 1) -> int:
+    """Run ``stages`` as child processes; restart any that exits until told to stop.
+
+    The children read ``settings`` from their environment (``Settings.to_env``), so they
+    run with the supervisor's settings, not only with what its own environment said.
+    """
     plan = [s for s in stages for _ in range(fetchers if s == "fetch" else 1)]
+    env = {**os.environ, **settings.to_env()}
     procs: dict[int, tuple[str, subprocess.Popen]] = {}
     stopping = False
 
     def start(slot: int, stage: str) -> None:
-        procs[slot] = (stage, subprocess.Popen(stage_command(stage), preexec_fn=_die_with_parent))
+        procs[slot] = (
+            stage,
+            subprocess.Popen(stage_command(stage), env=env, preexec_fn=_die_with_parent),
+        )
         log.info("started %s stage (pid %d)", stage, procs[slot][1].pid)
 
     def stop(signum: int, _frame: object) -> None:

@@ -36,7 +36,7 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -246,10 +246,31 @@ def _reader(settings: Settings, group_id: str | None = None) -> AIOKafkaConsumer
     )
 
 
-async def iter_entries(
+async def end_positions(
     settings: Settings, stages: frozenset[str] | set[str] = frozenset()
+) -> dict[TopicPartition, int]:
+    """The end offset of every dead-letter partition now: pass it as ``since`` to
+    :func:`iter_entries` later to read only the letters written in between."""
+    consumer = _reader(settings)
+    await consumer.start()
+    try:
+        tps = await _partitions(consumer, list(dlq_topics(settings, stages)))
+        return dict(await consumer.end_offsets(tps)) if tps else {}
+    finally:
+        await consumer.stop()
+
+
+async def iter_entries(
+    settings: Settings,
+    stages: frozenset[str] | set[str] = frozenset(),
+    since: Mapping[TopicPartition, int] | None = None,
 ) -> AsyncIterator[Entry]:
-    """Every record of the dead-letter topics, from the beginning to the end seen at start."""
+    """Every record of the dead-letter topics, from the beginning (or from the offsets
+    ``since``, taken by :func:`end_positions`) to the end seen at start.
+
+    This is the one reader of dead letters: ``dlq list``, redrive's plan and ``publish
+    --wait``'s failure summary all read through it (or its ``_read_range``).
+    """
     topics = dlq_topics(settings, stages)
     consumer = _reader(settings)
     await consumer.start()
@@ -260,6 +281,8 @@ async def iter_entries(
         consumer.assign(tps)
         starts = await consumer.beginning_offsets(tps)
         ends = await consumer.end_offsets(tps)
+        if since is not None:  # a partition that did not exist then: all its letters are new
+            starts = {tp: max(since.get(tp, starts[tp]), starts[tp]) for tp in tps}
         async for record in _read_range(consumer, {tp: (starts[tp], ends[tp]) for tp in tps}):
             yield entry_of(record, topics[record.topic])
     finally:

@@ -26,7 +26,7 @@ import httpx
 
 from agents.fetcher import Fetcher
 from streams.errors import FetchFailed, SitemapError
-from streams.settings import Settings, get_settings
+from streams.settings import Settings
 
 #: The protocol allows 50 MB uncompressed per file; a little slack, then refuse.
 MAX_BYTES = 64 * 1024 * 1024
@@ -154,7 +154,7 @@ async def read_sitemaps(
     concurrency: int = 8,
     max_bytes: int = MAX_BYTES,
     on_sitemap: Callable[[str, int], None] | None = None,
-    settings: Settings | None = None,
+    settings: Settings,
 ) -> Crawl:
     """Every page URL the sitemaps ``refs`` list, following sitemap indexes.
 
@@ -162,13 +162,13 @@ async def read_sitemaps(
     them). A nested sitemap that fails, or an index deeper than ``max_depth`` levels below
     a given one, is an entry in ``Crawl.errors`` and the rest goes on. ``on_sitemap(ref,
     n_urls)`` is called after each sitemap read (progress for big sites). ``settings``
-    (default: the environment's) give the fetch policy: allow list, retries, politeness.
+    give the fetch policy: allow list, retries, politeness.
     """
     crawl = Crawl()
     seen_urls: dict[str, None] = {}
     visited: set[str] = set()
     gate = asyncio.Semaphore(concurrency)
-    fetch_settings = (settings or get_settings()).model_copy(
+    fetch_settings = settings.model_copy(
         update={
             "fetch_timeout_s": timeout_s,
             "fetch_max_bytes": max_bytes,

@@ -142,7 +142,7 @@ def mock_site(pages: dict[str, bytes | int]) -> tuple[httpx.MockTransport, list[
 
 def crawl(refs: list[str], pages: dict[str, bytes | int], **kw: object):  # noqa: ANN201
     transport, seen = mock_site(pages)
-    result = asyncio.run(read_sitemaps(refs, transport=transport, **kw))
+    result = asyncio.run(read_sitemaps(refs, transport=transport, settings=Settings(), **kw))
     return result, seen
 
 

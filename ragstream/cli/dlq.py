@@ -23,8 +23,8 @@ from ops.deadletters import (
     parse_since,
     redrive,
 )
-from streams.errors import RagstreamError
-from streams.settings import Settings, get_settings
+from streams.errors import KafkaUnavailable, RagstreamError
+from streams.settings import Settings
 from streams.topics import STAGES
 
 T = TypeVar("T")
@@ -133,14 +133,16 @@ def filters_of(args: argparse.Namespace) -> Filters:
 
 
 def _run(settings: Settings, coro: Coroutine[Any, Any, T]) -> T:
-    """Run a Kafka coroutine; an unreachable broker is a one-line user error."""
+    """Run a Kafka coroutine; a missing topic or an unreachable broker is one line."""
     try:
         return asyncio.run(coro)
-    except (OSError, TimeoutError, LookupError) as exc:
+    except LookupError as exc:
         raise RagstreamError(f"Kafka at {settings.broker}: {exc}") from None
+    except (OSError, TimeoutError) as exc:  # until streams/kafka.py translates them
+        raise KafkaUnavailable(f"Kafka at {settings.broker}: {exc}") from None
     except Exception as exc:
         if type(exc).__name__ == "KafkaConnectionError":
-            raise RagstreamError(f"cannot reach Kafka at {settings.broker}") from None
+            raise KafkaUnavailable(f"cannot reach Kafka at {settings.broker}") from None
         raise
 
 
@@ -197,8 +199,7 @@ def _quiet(args: argparse.Namespace) -> None:
         logging.getLogger("aiokafka").setLevel(logging.WARNING)
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    settings = get_settings()
+def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     _quiet(args)
     listing = _run(settings, list_letters(settings, filters_of(args), args.limit))
     if args.json:
@@ -251,8 +252,7 @@ def _confirm_interactive(yes: bool) -> Any:
     return confirm
 
 
-def cmd_redrive(args: argparse.Namespace) -> int:
-    settings = get_settings()
+def cmd_redrive(args: argparse.Namespace, settings: Settings) -> int:
     _quiet(args)
     if not (args.yes or args.dry_run or sys.stdin.isatty()):
         raise RagstreamError("redrive sends messages; confirm with --yes (stdin is not a terminal)")

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from devtools import kafka_local
-from streams.settings import get_settings
+from streams.settings import Settings
 
 #: Exit status of ``ragstream kafka status`` when no broker runs.
 NOT_RUNNING = 3
@@ -47,9 +47,9 @@ def register(subparsers: Any) -> None:
     p_status.set_defaults(func=cmd_status)
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     t0 = time.monotonic()
-    info = kafka_local.up(get_settings(), port=args.port, wait_s=args.wait)
+    info = kafka_local.up(settings, port=args.port, wait_s=args.wait)
     print(
         f"Kafka {info.version} ready on {info.bootstrap} (pid {info.pid}, "
         f"{time.monotonic() - t0:.1f} s); log: {info.log}",
@@ -59,8 +59,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_down(args: argparse.Namespace) -> int:
-    settings = get_settings()
+def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
     if kafka_local.down(settings, timeout_s=args.timeout):
         print(f"Kafka stopped ({kafka_local.kafka_dir(settings)})")
     else:
@@ -68,8 +67,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    settings = get_settings()
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     info = kafka_local.status(settings)
     if info is None:
         print(f"Kafka: not running ({kafka_local.kafka_dir(settings)})")

@@ -10,27 +10,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
-import dataclasses
 import logging
 import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaConnectionError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ops.progress import Snapshot, snapshot_raw, wait_indexed
+from ops.follow import Baseline, Failures, failures_since, follow
+from ops.progress import Snapshot
 from ops.publisher import publish
 from ops.sitemaps import MAX_DEPTH, is_sitemap_ref, read_sitemaps
-from streams.errors import DecodeError, RagstreamError
+from streams.errors import KafkaUnavailable, RagstreamError
 from streams.ids import normalize_url
-from streams.messages import UrlRequest, decode_dead_letter
-from streams.settings import Settings, get_settings
-from streams.topics import CHUNKS, URLS, VECTORS, dlq, ensure_topics
+from streams.messages import UrlRequest
+from streams.settings import Settings
 
 #: Above this many URLs, publishing shows a progress bar.
 HANDFUL = 10
@@ -45,7 +42,7 @@ examples:
   ragstream publish https://example.org/sitemap_index.xml        # *.xml(.gz): a sitemap
 
 exit status: 0 all done; 1 some URLs were skipped, unreadable or dead-lettered;
-2 usage error; 3 --wait timed out.
+2 usage error; 3 --wait timed out; 69 Kafka cannot be reached.
 """
 
 
@@ -136,92 +133,7 @@ def parse_urls(lines: Iterator[str]) -> tuple[list[str], list[str]]:
     return list(good), bad
 
 
-# --- following and summarising -----------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Failures:
-    """Dead letters about the published URLs, by (stage, error_class), with one example."""
-
-    counts: dict[tuple[str, str], int]
-    examples: dict[tuple[str, str], str]
-    other: int  # dead letters in the same span about other URLs (another publisher's)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def failed_urls(self, stage: str) -> int:
-        return sum(n for (s, _), n in self.counts.items() if s == stage)
-
-
-async def dlq_positions(settings: Settings) -> dict[TopicPartition, int]:
-    """End offsets of every dead-letter partition: the baseline to read failures from."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        await consumer._client.force_metadata_update()  # noqa: SLF001
-        tps = [
-            TopicPartition(name, p)
-            for name in (settings.topic(dlq(t)) for t in (URLS, CHUNKS, VECTORS))
-            for p in sorted(consumer.partitions_for_topic(name) or ())
-        ]
-        return dict(await consumer.end_offsets(tps)) if tps else {}
-    finally:
-        await consumer.stop()
-
-
-async def failures_since(
-    settings: Settings, since: dict[TopicPartition, int], urls: set[str]
-) -> Failures:
-    """Read the dead letters written after ``since`` and count those about ``urls``
-    (normalised). Reads without a consumer group, up to the end offsets of now."""
-    counts: collections.Counter[tuple[str, str]] = collections.Counter()
-    examples: dict[tuple[str, str], str] = {}
-    other = 0
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        ends = await consumer.end_offsets(list(since)) if since else {}
-        todo = {tp: end for tp, end in ends.items() if end > since[tp]}
-        if todo:
-            consumer.assign(list(todo))
-            for tp in todo:
-                consumer.seek(tp, since[tp])
-        deadline = time.monotonic() + 60
-        while todo and time.monotonic() < deadline:
-            batch = await consumer.getmany(*todo, timeout_ms=1000)
-            for tp, records in batch.items():
-                for rec in records:
-                    if rec.offset >= todo.get(tp, -1):
-                        continue
-                    try:
-                        letter = decode_dead_letter(rec.value)
-                    except DecodeError:
-                        other += 1
-                        continue
-                    if letter.url is None or _norm(letter.url) not in urls:
-                        other += 1
-                        continue
-                    key = (letter.stage, letter.error_class)
-                    counts[key] += 1
-                    text = letter.error
-                    examples.setdefault(
-                        key, text if letter.url in text else f"{letter.url}: {text}"
-                    )
-            for tp in list(todo):
-                if await consumer.position(tp) >= todo[tp]:
-                    del todo[tp]
-    finally:
-        await consumer.stop()
-    return Failures(dict(counts), examples, other)
-
-
-def _norm(url: str) -> str:
-    try:
-        return normalize_url(url)
-    except ValueError:
-        return url
+# --- summarising -------------------------------------------------------------------------
 
 
 def summary_lines(
@@ -274,12 +186,7 @@ async def run(
     reqs = (
         UrlRequest(url=u, source=args.source, force=args.force, delete=args.delete) for u in urls
     )
-    base: dict[str, int] = {}
-    dlq_base: dict[TopicPartition, int] = {}
-    if args.wait:
-        await ensure_topics(settings)
-        base = await snapshot_raw(settings)
-        dlq_base = await dlq_positions(settings)
+    base = await Baseline.take(settings) if args.wait else None
     t0 = time.monotonic()
     if len(urls) > HANDFUL:
         with _bars(console) as bar:
@@ -290,27 +197,20 @@ async def run(
     print(
         f"published {n} URL{'s' if n != 1 else ''} to {settings.topic('urls')} on {settings.broker}"
     )
-    if not args.wait:
+    if base is None:
         return 0
-    last: list[Snapshot] = []
-    timed_out = False
     with _bars(console) as bar:
         pages = bar.add_task("pages fetched   ", total=n)
         embedded = bar.add_task("chunks embedded ", total=None)
         written = bar.add_task("vectors written ", total=None)
 
         def update(s: Snapshot) -> None:
-            last[:] = [s]
             bar.update(pages, completed=min(s.fetched, n))
             bar.update(embedded, completed=s.embedded, total=s.chunks or None)
             bar.update(written, completed=s.written, total=s.vectors or None)
 
-        try:
-            snap = await wait_indexed(settings, base, n, update, timeout_s=args.timeout)
-        except TimeoutError:
-            timed_out = True
-            snap = last[0]
-    failures = await failures_since(settings, dlq_base, {_norm(u) for u in urls})
+        snap, timed_out = await follow(settings, base, n, update, timeout_s=args.timeout)
+    failures = await failures_since(settings, base.dead, urls)
     for line in summary_lines(n, snap, failures, time.monotonic() - t0, timed_out):
         print(line)
     if timed_out:
@@ -318,8 +218,7 @@ async def run(
     return 1 if failures.total else 0
 
 
-def cmd_publish(args: argparse.Namespace) -> int:
-    settings = get_settings()
+def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
     console = Console(stderr=True)
     args.urls, sitemaps = split_args(args)
     lines = list(read_urls(args))
@@ -327,7 +226,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if sitemaps:
         if not logging.getLogger().isEnabledFor(logging.DEBUG):
             logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per sitemap
-        crawl = asyncio.run(read_sitemaps(sitemaps, max_depth=args.sitemap_depth))
+        crawl = asyncio.run(
+            read_sitemaps(sitemaps, max_depth=args.sitemap_depth, settings=settings)
+        )
         for error in crawl.errors:
             print(f"sitemap skipped: {error}", file=sys.stderr)
         print(
@@ -348,5 +249,5 @@ def cmd_publish(args: argparse.Namespace) -> int:
         status = 1
     try:
         return max(asyncio.run(run(settings, urls, args, console)), status)
-    except (OSError, KafkaConnectionError) as exc:
-        raise RagstreamError(f"cannot reach Kafka at {settings.broker}: {exc}") from None
+    except (OSError, KafkaConnectionError) as exc:  # until streams/kafka.py translates it
+        raise KafkaUnavailable(f"cannot reach Kafka at {settings.broker}: {exc}") from None

@@ -24,8 +24,8 @@ from ops.replay import (
     parse_datetime,
     read_plan,
 )
-from streams.errors import RagstreamError
-from streams.settings import get_settings
+from streams.errors import KafkaUnavailable, RagstreamError
+from streams.settings import Settings
 from streams.topics import STAGES
 
 log = logging.getLogger(__name__)
@@ -104,14 +104,13 @@ def confirm(plan: Plan) -> bool:
     return answer.strip().lower() in {"y", "yes"}
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
-    settings = get_settings()
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     target = target_of(args)
     try:
         plan = asyncio.run(read_plan(settings, args.stage, target, args.partition))
         info = asyncio.run(describe_group(settings, plan.group))
-    except (OSError, TimeoutError, KafkaConnectionError) as exc:
-        raise RagstreamError(f"cannot reach Kafka at {settings.broker}: {exc}") from None
+    except (OSError, TimeoutError, KafkaConnectionError) as exc:  # until streams/kafka.py does
+        raise KafkaUnavailable(f"cannot reach Kafka at {settings.broker}: {exc}") from None
     for line in format_plan(plan):
         print(line)
     if args.dry_run:

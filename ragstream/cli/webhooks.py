@@ -14,7 +14,7 @@ from aiohttp import web
 
 from ops.webhooks import create_app
 from streams.errors import RagstreamError
-from streams.settings import get_settings
+from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_webhooks)
 
 
-def cmd_webhooks(args: argparse.Namespace) -> int:
-    settings = get_settings()
+def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
     app = create_app(settings, insecure_no_signature=args.insecure_no_signature)
     if args.insecure_no_signature and not settings.webhook_secret:
         log.warning("accepting UNSIGNED requests on /v1/urls (--insecure-no-signature)")

@@ -7,7 +7,7 @@ from typing import Any
 
 from agents.supervisor import run_stage, supervise
 from streams.errors import RagstreamError
-from streams.settings import get_settings
+from streams.settings import Settings
 from streams.topics import STAGES
 
 
@@ -40,11 +40,11 @@ def parse_stages(text: str) -> list[str]:
     return list(dict.fromkeys(stages))
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     stages = parse_stages(args.stages)
     if args.fetchers < 1:
         raise RagstreamError("--fetchers must be at least 1")
     if len(stages) == 1 and (stages[0] != "fetch" or args.fetchers == 1):
-        run_stage(get_settings(), stages[0])
+        run_stage(settings, stages[0])
         return 0
-    return supervise(stages, fetchers=args.fetchers)
+    return supervise(settings, stages, fetchers=args.fetchers)
