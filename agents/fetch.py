@@ -38,10 +38,10 @@ from agents.fetcher import Fetcher
 from agents.retry import RetryForwarder
 from streams.chunking import Chunker
 from streams.documents import DocState, page_version, plan_update, trim
-from streams.embedder import resolve_model_path
 from streams.errors import DecodeError, ExtractUnavailable, FetchFailed, PageRefused
 from streams.ids import normalize_url
 from streams.messages import decode_url, encode_chunk
+from streams.model import resolve_model_path
 from streams.retry import (
     HOPS,
     NOT_BEFORE,

@@ -24,8 +24,8 @@ from bench.report import BenchResult, percentile, render
 from bench.runs import build_workload, naive_settings, run_bare, run_naive
 from devtools.corpus import CorpusServer, corpus_files, ensure_django_docs, subset
 from streams.chunking import Chunker
-from streams.embedder import resolve_model_path
 from streams.errors import RagstreamError
+from streams.model import resolve_model_path
 from streams.settings import MINILM, Settings
 
 #: Pages by default: about 200k tokens, a few minutes for all three runs on two CPU cores.

