@@ -1,23 +1,17 @@
-"""What every stage shares: producing within the broker's size limit, dead-lettering an
-event, and dying loudly instead of skipping.
+"""What every stage shares: producing within the broker's size limit and dead-lettering an
+event. When an event may be acked (and when the process must exit instead) is the commit
+rule of :mod:`agents.checkpoint`.
 
-Delivery rule: an event is acked only when its outcome (its output, or its dead letter) is
-acknowledged by the broker or written to Milvus. When a stage cannot do either (Kafka or
-Milvus failing in a way it cannot wait out), it must not carry on past the event: faust
-commits the highest contiguous acked offset and can skip one still in flight (faust
-issue #606). So the process exits and the consumer group redelivers from the last commit.
-
-A message the broker can never take (over ``max.message.bytes``) is different: exiting
-would redeliver the same event and fail the same way forever. Its event is dead-lettered
-(class ``too_large``) and the stage goes on; :func:`produce` is the one way stages send.
+A message the broker can never take (over ``max.message.bytes``) is not a delivery
+failure: exiting would redeliver the same event and fail the same way forever. Its event
+is dead-lettered (class ``too_large``) and the stage goes on; :func:`produce` is the one
+way stages send.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import sys
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -34,8 +28,6 @@ from streams.topics import message_limits
 
 log = logging.getLogger(__name__)
 
-EXIT_FATAL = 70
-
 RECORD_MARGIN = 128
 """Bytes kept free under a topic's limit: the estimate below is exact for a one-record
 batch, the margin covers what a broker version may count differently."""
@@ -43,13 +35,6 @@ batch, the margin covers what a broker version may count differently."""
 SIZE_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError)
 
 Headers = Sequence[tuple[str, bytes]]
-
-
-def fatal(message: str, exc: BaseException | None = None) -> None:
-    """Stop the process now: redelivery from the last commit is the recovery."""
-    log.critical("%s: %r; exiting so the group redelivers from the last commit", message, exc)
-    sys.stderr.flush()
-    os._exit(EXIT_FATAL)
 
 
 # --- headers --------------------------------------------------------------------------------
@@ -267,10 +252,3 @@ async def produce(
             return await (await outcome.dead_letter("too_large", f"broker refused: {exc!r}"))
 
     return asyncio.ensure_future(settle())
-
-
-async def delivered(futures: Iterable[Awaitable]) -> None:
-    """Wait until the broker acknowledged every message sent (acks=all)."""
-    futures = list(futures)
-    if futures:
-        await asyncio.gather(*futures)

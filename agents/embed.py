@@ -18,7 +18,8 @@ import faust
 from faust.types import EventT
 
 from agents.app import dlq_topic, topic
-from agents.common import Outcome, dead_letter, delivered, fatal, hop_headers, hops_of, produce
+from agents.checkpoint import delivered, fatal
+from agents.common import Outcome, dead_letter, hop_headers, hops_of, produce
 from streams.batching import plan_batches
 from streams.embedder import Embedder
 from streams.errors import DecodeError
@@ -167,6 +168,6 @@ def register(app: faust.App, settings: Settings) -> None:
 
 
 def _f32(values: object) -> object:
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     return np.fromiter(values, dtype=np.float32)  # type: ignore[arg-type]

@@ -19,14 +19,13 @@ import faust
 from faust.types import EventT
 
 from agents.app import dlq_topic, topic
+from agents.checkpoint import delivered, fatal
 from agents.common import (
     LIMITS,
     Outcome,
     TooLarge,
     check_size,
     dead_letter,
-    delivered,
-    fatal,
     header_int,
     hop_headers,
     produce,

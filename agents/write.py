@@ -5,7 +5,7 @@ first. Its events are acked only after Milvus accepted the window; while Milvus 
 unavailable the writer retries with backoff and takes nothing new, so Faust's bounded
 stream buffer fills and the consumer pauses: memory stays bounded while Milvus is away.
 ``stream.take()`` would ack a window even when its write raised (it acks in a
-``finally``), hence ``noack_take`` and explicit acks.
+``finally``), hence ``noack_take`` and the commit rule of :mod:`agents.checkpoint`.
 
 A message never stops the stage: one that cannot be decoded, or whose vector can never be
 written (NaN/Inf, another dimension), is dead-lettered before the write; a row Milvus
@@ -27,7 +27,8 @@ import faust
 from faust.types import EventT
 
 from agents.app import dlq_topic, topic
-from agents.common import dead_letter, delivered, fatal
+from agents.checkpoint import Checkpoint, delivered
+from agents.common import dead_letter
 from streams.errors import DecodeError
 from streams.messages import Vector, decode_vector
 from streams.settings import Settings
@@ -50,34 +51,37 @@ class WriteStats:
         self.stale = 0
 
 
-def register(app: faust.App, settings: Settings) -> None:
-    vectors = topic(app, settings, VECTORS)
-    dlq = dlq_topic(app, settings, VECTORS)
-    stats = WriteStats()
-    opened: list[MilvusStore] = []
+class WindowWriter:
+    """The writer's logic, without Faust: one window of ``vectors`` events -> Milvus.
 
-    @app.on_partitions_assigned.connect
-    async def forget_versions(sender: object, assigned: set, **kwargs: object) -> None:
-        # Another writer may have written these partitions' documents meanwhile: its
-        # versions are in Milvus, not in this process' cache.
-        for store in opened:
-            store.forget_versions()
+    ``store`` is the Milvus collection (a :class:`MilvusStore`), ``dlq`` the dead-letter
+    topic of ``vectors`` (anything with Faust's ``send`` and ``get_topic_name``).
+    """
 
-    @app.agent(vectors, name="write")
-    async def write(stream: faust.StreamT) -> None:
-        store = await retrying(
-            "open Milvus", lambda: MilvusStore(settings), settings, everything=True
-        )
-        opened.append(store)
+    def __init__(
+        self,
+        settings: Settings,
+        store: MilvusStore,
+        dlq: faust.TopicT,
+        stats: WriteStats | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.dlq = dlq
+        self.stats = stats or WriteStats()
+
+    async def run(self, stream: faust.StreamT) -> None:
+        """Write window after window; each window's events are acked once it is written."""
+        checkpoint = Checkpoint(stream.ack, "writing a window")
+        settings = self.settings
         async for events in stream.noack_take(settings.window_rows, within=settings.window_s):
-            try:
-                await write_window(store, list(events))
-            except Exception as exc:
-                fatal("writing a window failed", exc)
-            for event in events:
-                await stream.ack(event)
+            window = list(events)
+            await checkpoint.commit(window, self.write_window(window))
 
-    async def write_window(store: MilvusStore, events: list[EventT]) -> None:
+    async def write_window(self, events: list[EventT]) -> None:
+        """Write one window; return once its rows are in Milvus and its dead letters on the
+        broker. Raises when Milvus fails other than by refusing a row's data."""
+        store, dlq, settings, stats = self.store, self.dlq, self.settings, self.stats
         sent: list[Awaitable] = []
         good: list[tuple[EventT, Vector]] = []
         for event in events:
@@ -144,6 +148,29 @@ def register(app: faust.App, settings: Settings) -> None:
             stats.dead,
             stats.stale,
         )
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    """Wire the writer into ``app``: its agent on ``vectors``, and the rebalance signal."""
+    vectors = topic(app, settings, VECTORS)
+    dlq = dlq_topic(app, settings, VECTORS)
+    stats = WriteStats()
+    opened: list[MilvusStore] = []
+
+    @app.on_partitions_assigned.connect
+    async def forget_versions(sender: object, assigned: set, **kwargs: object) -> None:
+        # Another writer may have written these partitions' documents meanwhile: its
+        # versions are in Milvus, not in this process' cache.
+        for store in opened:
+            store.forget_versions()
+
+    @app.agent(vectors, name="write")
+    async def write(stream: faust.StreamT) -> None:
+        store = await retrying(
+            "open Milvus", lambda: MilvusStore(settings), settings, everything=True
+        )
+        opened.append(store)
+        await WindowWriter(settings, store, dlq, stats).run(stream)
 
     app.write_stats = stats  # type: ignore[attr-defined]
 
