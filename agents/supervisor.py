@@ -29,9 +29,9 @@ PR_SET_PDEATHSIG = 1
 
 def run_stage(settings: Settings, stage: str) -> None:
     """Run one stage in this process until it is stopped (SIGTERM/SIGINT)."""
-    import faust  # noqa: PLC0415
+    import faust
 
-    from agents.app import create_app  # noqa: PLC0415
+    from agents.app import create_app
 
     asyncio.run(ensure_topics(settings))
     if stage != "embed" and settings.io_nice:
@@ -39,13 +39,14 @@ def run_stage(settings: Settings, stage: str) -> None:
         # network anyway and lose nothing by yielding the CPU to it.
         os.nice(settings.io_nice)
     app = create_app(settings, stage)
+    # import only the module of the stage this process runs
     if stage == "fetch":
-        from agents import fetch as mod  # noqa: PLC0415
+        from agents.fetch import register
     elif stage == "embed":
-        from agents import embed as mod  # noqa: PLC0415
+        from agents.embed import register
     else:
-        from agents import write as mod  # noqa: PLC0415
-    mod.register(app, settings)
+        from agents.write import register
+    register(app, settings)
     worker = faust.Worker(app, loglevel="INFO", quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()
 

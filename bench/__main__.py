@@ -21,7 +21,7 @@ from rich.console import Console
 
 from bench.pipeline import PipelineOptions, run_pipeline, warmup_hook
 from bench.report import BenchResult, percentile, render
-from bench.runs import build_workload, naive_settings, run_bare, run_naive
+from bench.runs import Workload, build_workload, naive_settings, run_bare, run_naive
 from devtools.corpus import CorpusServer, corpus_files, ensure_django_docs, subset
 from streams.chunking import Chunker
 from streams.errors import RagstreamError
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import pymilvus  # noqa: F401, PLC0415 - configures its loggers on import: quiet them after
+    import pymilvus  # noqa: F401 - configures its loggers on import: quiet them after
 
     for noisy in ("grpc._server", "pymilvus"):  # Milvus Lite's harmless complaints
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
@@ -178,12 +178,12 @@ def in_process(
     settings: Settings,
     bench_home: Path,
     chunker: Chunker,
-    work,  # noqa: ANN001 - bench.runs.Workload
+    work: Workload,
     result: BenchResult,
     console: Console,
 ) -> None:
     """The bare and naive runs, sharing one model loaded here (and freed on return)."""
-    from streams.embedder import Embedder  # noqa: PLC0415 - torch only when needed
+    from streams.embedder import Embedder  # torch only when needed
 
     t0 = time.perf_counter()
     embedder = Embedder(settings)
@@ -209,7 +209,7 @@ def in_process(
         if rows != work.chunks:
             result.warnings.append(f"naive wrote {rows} rows, expected {work.chunks}")
         if not args.keep:
-            import shutil  # noqa: PLC0415
+            import shutil
 
             shutil.rmtree(run_dir, ignore_errors=True)
     del embedder

@@ -246,7 +246,7 @@ class RssSampler(threading.Thread):
         self._halt = threading.Event()
 
     def sample(self) -> None:
-        import psutil  # noqa: PLC0415
+        import psutil
 
         for root in self.roots:
             try:
@@ -423,7 +423,7 @@ def _milvus_rows(settings: Settings, warnings: list[str]) -> int | None:
     """Rows in the pipeline's collection, counted one by one (distinct ids)."""
     try:
         store = MilvusStore(settings)
-    except Exception as exc:  # noqa: BLE001 - reported, not fatal to the report
+    except Exception as exc:  # reported, not fatal to the report
         warnings.append(f"cannot open Milvus to verify: {exc}")
         return None
     try:
@@ -445,7 +445,7 @@ async def steady(
 ) -> dict[str, float]:
     """Publish ``urls`` (force: re-embed although unchanged) at ``rate`` pages/s and return
     each one's publish-ack-to-searchable seconds."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: PLC0415
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
     tracker = SearchableTracker({doc_id(u): u for u in urls})
     vtopic = settings.topic(VECTORS)
@@ -459,7 +459,7 @@ async def steady(
     await client.start()
     stop = asyncio.Event()
     try:
-        await consumer._client.force_metadata_update()  # noqa: SLF001
+        await consumer._client.force_metadata_update()
         tps = [TopicPartition(vtopic, p) for p in sorted(consumer.partitions_for_topic(vtopic))]
         consumer.assign(tps)
         for tp, end in (await consumer.end_offsets(tps)).items():

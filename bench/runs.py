@@ -157,7 +157,7 @@ def run_naive(
     Opening Milvus (Lite starts a server in the process) is not timed; every page's work,
     HTTP included, is.
     """
-    import httpx  # noqa: PLC0415
+    import httpx
 
     store = MilvusStore(settings)
     store.ensure_collection(embedder.name, embedder.dim, embedder.sparse)

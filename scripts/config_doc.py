@@ -10,7 +10,7 @@ from streams.settings import Settings
 OUT = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 
-def env_name(name: str, field) -> str:  # noqa: ANN001
+def env_name(name: str, field) -> str:
     alias = field.validation_alias
     if alias is not None:
         return " / ".join(f"`{c}`" for c in alias.choices)

@@ -201,6 +201,7 @@ def _backend(tokenizer: Any) -> Tokenizer:
     """
     from tokenizers import Tokenizer
 
+    backend: Tokenizer | None
     if isinstance(tokenizer, Tokenizer):
         backend = tokenizer
     else:

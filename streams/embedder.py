@@ -58,7 +58,7 @@ class Embedder:
     """One model in memory; ``encode`` is thread-safe by a lock (one forward at a time)."""
 
     def __init__(self, settings: Settings) -> None:
-        import torch  # noqa: PLC0415 - deliberately lazy
+        import torch  # deliberately lazy
 
         self._torch = torch
         self.name = settings.model
@@ -68,7 +68,7 @@ class Embedder:
         if self.device == "cpu":
             torch.set_num_threads(threads)
         t0 = time.perf_counter()
-        from FlagEmbedding import BGEM3FlagModel, FlagModel  # noqa: PLC0415
+        from FlagEmbedding import BGEM3FlagModel, FlagModel
 
         on_gpu = self.device.startswith("cuda")
         self.sparse = is_m3(self.path)
@@ -134,8 +134,8 @@ class Embedder:
                 )
                 dense = out["dense_vecs"].float().cpu().numpy()
                 weights = out["sparse_vecs"].squeeze(-1).float().cpu().numpy()
-                ids = inputs["input_ids"].cpu().numpy()
-                sparse = [self._lexical(w, i) for w, i in zip(weights, ids, strict=True)]
+                rows = inputs["input_ids"].cpu().numpy()
+                sparse = [self._lexical(w, i) for w, i in zip(weights, rows, strict=True)]
             else:
                 hidden = self._flag.model(**inputs, return_dict=True).last_hidden_state
                 pooled = self._flag.pooling(hidden, inputs["attention_mask"])

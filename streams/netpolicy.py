@@ -135,9 +135,9 @@ def forbidden_reason(addr: Address) -> str | None:
     if carried is not None:
         form, v4s = carried
         for v4 in v4s:
-            reason = _v4_reason(v4)
-            if reason is not None:
-                return f"{form} {reason} ({v4})"
+            why = _v4_reason(v4)
+            if why is not None:
+                return f"{form} {why} ({v4})"
         return None
     if addr not in _GLOBAL_UNICAST:
         return "reserved"

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -271,7 +272,7 @@ def is_unavailable(exc: BaseException) -> bool:
     if callable(code):  # a grpc.RpcError: code() is a grpc.StatusCode
         try:
             code = code()
-        except Exception:  # noqa: BLE001 - a broken error object: treat as data
+        except Exception:  # a broken error object: treat as data
             code = None
     name = _grpc_name(code)
     if name is not None:
@@ -394,15 +395,13 @@ class MilvusStore:
 
     def __init__(self, settings: Settings) -> None:
         _let_pymilvus_import()
-        from pymilvus import MilvusClient  # noqa: PLC0415
+        from pymilvus import MilvusClient
 
         self.uri = settings.milvus_target
         self.name = settings.collection
         self.docs_name = settings.collection + DOCS_SUFFIX
         self.timeout = settings.write_timeout_s
         if settings.milvus_is_lite:
-            from pathlib import Path  # noqa: PLC0415
-
             Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
         try:
             self.client = MilvusClient(self.uri, token=settings.milvus_token or "")
@@ -452,7 +451,7 @@ class MilvusStore:
                     "RAGSTREAM_COLLECTION for another model"
                 )
             return
-        from pymilvus import DataType  # noqa: PLC0415
+        from pymilvus import DataType
 
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
@@ -481,7 +480,7 @@ class MilvusStore:
         if self._docs_ready:
             return
         if not self.client.has_collection(self.docs_name, timeout=self.timeout):
-            from pymilvus import DataType  # noqa: PLC0415
+            from pymilvus import DataType
 
             schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("doc_id", DataType.VARCHAR, is_primary=True, max_length=32)

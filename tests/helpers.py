@@ -80,7 +80,7 @@ class Worker:
             return "(no log)"
 
 
-def run(coro):  # noqa: ANN001, ANN201
+def run(coro):
     return asyncio.run(coro)
 
 

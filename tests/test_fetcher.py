@@ -77,7 +77,7 @@ class Raw(httpx.AsyncByteStream):
         self.data = data
         self.piece = piece
 
-    async def __aiter__(self):  # noqa: ANN204
+    async def __aiter__(self):
         for i in range(0, len(self.data), self.piece):
             yield self.data[i : i + self.piece]
 
@@ -225,7 +225,7 @@ def test_too_large_by_content_length() -> None:
 
 def test_too_large_while_streaming_without_length() -> None:
     class Endless(httpx.AsyncByteStream):
-        async def __aiter__(self):  # noqa: ANN204
+        async def __aiter__(self):
             while True:
                 yield b"y" * 65536
 
@@ -431,7 +431,7 @@ class FakeNet(httpcore.AsyncNetworkBackend):
     def __init__(self) -> None:
         self.connects: list[tuple[str, int]] = []
 
-    async def connect_tcp(self, host, port, timeout=None, **kw):  # noqa: ANN001, ANN003, ANN201, ASYNC109
+    async def connect_tcp(self, host, port, timeout=None, **kw):  # noqa: ASYNC109
         self.connects.append((host, port))
         raise httpcore.ConnectError("fake network: not connected")
 

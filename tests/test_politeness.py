@@ -26,7 +26,7 @@ N_PAGES = 300
 ROBOTS = "User-agent: *\nDisallow: /p/private/\n"
 
 
-def test_rate_limited_flaky_site_loses_no_page(settings) -> None:  # noqa: ANN001
+def test_rate_limited_flaky_site_loses_no_page(settings) -> None:
     pages = {
         f"/p/{i}.txt": f"Page {i} of the handbook explains widget number {i * 7919 % 10007}."
         for i in range(N_PAGES)

@@ -140,7 +140,7 @@ def mock_site(pages: dict[str, bytes | int]) -> tuple[httpx.MockTransport, list[
     return httpx.MockTransport(handler), seen
 
 
-def crawl(refs: list[str], pages: dict[str, bytes | int], **kw: object):  # noqa: ANN201
+def crawl(refs: list[str], pages: dict[str, bytes | int], **kw: object):
     transport, seen = mock_site(pages)
     result = asyncio.run(read_sitemaps(refs, transport=transport, settings=Settings(), **kw))
     return result, seen
@@ -234,9 +234,9 @@ def test_publish_a_sitemap_and_wait(settings: Settings, tmp_path: Path, chunker)
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text + "\n", encoding="utf-8")
 
-    def always_500(handler) -> bool:  # noqa: ANN001
+    def always_500(handler) -> bool:
         if handler.path == "/broken.txt":
-            handler._send(500, b"boom", "text/plain")  # noqa: SLF001
+            handler._send(500, b"boom", "text/plain")
             return True
         return False
 

@@ -29,7 +29,7 @@ async def records(settings: Settings, topic: str) -> list:
     c = AIOKafkaConsumer(bootstrap_servers=settings.broker, enable_auto_commit=False)
     await c.start()
     try:
-        await c._client.force_metadata_update()  # noqa: SLF001
+        await c._client.force_metadata_update()
         tps = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic) or ()]
         c.assign(tps)
         await c.seek_to_beginning(*tps)
@@ -45,7 +45,7 @@ async def records(settings: Settings, topic: str) -> list:
         await c.stop()
 
 
-def hops(record) -> int:  # noqa: ANN001
+def hops(record) -> int:
     return int(dict(record.headers).get("ragstream-hops", b"0"))
 
 
@@ -110,8 +110,8 @@ def test_a_letter_that_keeps_failing_is_parked_after_n_redrives(
     site = tmp_path / "site"
     site.mkdir()
 
-    def forbid(h) -> bool:  # noqa: ANN001
-        h._send(403, b"no", "text/plain")  # noqa: SLF001
+    def forbid(h) -> bool:
+        h._send(403, b"no", "text/plain")
         return True
 
     with CorpusServer(site, hook=forbid) as server:

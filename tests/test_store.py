@@ -75,7 +75,7 @@ def vec(
     return Vector(chunk=chunk, model="m", dim=len(d), dense=d, sparse=sparse)
 
 
-def rows_of(win) -> dict[str, int | None]:  # noqa: ANN001
+def rows_of(win) -> dict[str, int | None]:
     return {k: v.chunk.version for k, v in win.rows.items()}
 
 

@@ -95,7 +95,7 @@ async def published(settings: Settings) -> list[tuple[bytes, UrlRequest]]:
     try:
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
         if not tps:
-            await consumer._client.force_metadata_update()  # noqa: SLF001
+            await consumer._client.force_metadata_update()
             parts = consumer.partitions_for_topic(topic) or []
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
         assert tps, f"topic {topic} does not exist"

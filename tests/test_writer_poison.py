@@ -118,7 +118,7 @@ def strict_collection(settings: Settings, url_max: int) -> None:
 
 @pytest.mark.kafka
 @pytest.mark.faults
-def test_writer_poison_matrix(settings: Settings, milvus_server) -> None:  # noqa: ANN001
+def test_writer_poison_matrix(settings: Settings, milvus_server) -> None:
     """Each poison followed by a good vector: good rows written, poisons dead-lettered
     within 60 s with their reason, the stage never stops and its lag reaches 0."""
     settings = settings.model_copy(update={"milvus_uri": milvus_server.uri})
