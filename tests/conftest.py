@@ -4,6 +4,12 @@ The broker is the one in RAGSTREAM_TEST_BROKER when set (``.ci/run`` starts one 
 ``ragstream kafka up``); otherwise the session starts its own on a free port and stops it
 at the end. Each test gets its own topic prefix, consumer groups and Milvus Lite file,
 so tests share the broker without seeing each other's messages.
+
+Every test that reaches the ``broker`` fixture, directly or through ``settings``, is
+marked ``kafka`` at collection, so ``-m "not kafka"`` (``scripts/test.sh --fast``) is
+exactly the tests that need no broker; a test that only wants configuration takes
+``unit_settings``. With RAGSTREAM_TEST_NO_BROKER set (the fast tier sets it), asking for
+the broker fails the test instead of starting one: the fast tier never pays for a broker.
 """
 
 from __future__ import annotations
@@ -26,8 +32,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``kafka`` what needs the broker: by its fixtures, not by memory. A test that
+    takes ``settings`` (or any fixture built on ``broker``) needs it, marked or not."""
+    for item in items:
+        if (
+            "broker" in getattr(item, "fixturenames", ())
+            and item.get_closest_marker("kafka") is None
+        ):
+            item.add_marker(pytest.mark.kafka)
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if os.environ.get("RAGSTREAM_TEST_NO_BROKER"):
+        pytest.fail("this run has no broker (RAGSTREAM_TEST_NO_BROKER): mark the test kafka")
     given = os.environ.get("RAGSTREAM_TEST_BROKER")
     if given:
         yield given
@@ -44,12 +63,10 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         kafka_local.down(settings)
 
 
-@pytest.fixture
-def settings(broker: str, tmp_path: Path) -> Settings:
-    """Settings for one test: its own topics, groups and Milvus file on the shared broker."""
+def _test_settings(broker: str, home: Path) -> Settings:
     ns = f"t{uuid.uuid4().hex[:10]}"
     return Settings(
-        home=tmp_path / "home",
+        home=home,
         broker=broker,
         app_id=ns,
         topic_prefix=f"{ns}.",
@@ -63,6 +80,24 @@ def settings(broker: str, tmp_path: Path) -> Settings:
         # (127.0.0.2 stays forbidden: the SSRF tests keep their secret there).
         fetch_allow="127.0.0.1/32",
     )
+
+
+@pytest.fixture
+def settings(broker: str, tmp_path: Path) -> Settings:
+    """Settings for one test: its own topics, groups and Milvus file on the shared broker."""
+    return _test_settings(broker, tmp_path / "home")
+
+
+#: Where ``unit_settings`` points its clients: the discard port, where no broker listens,
+#: so a unit test that reaches for Kafka by mistake fails instead of finding one.
+NO_BROKER = "127.0.0.1:9"
+
+
+@pytest.fixture
+def unit_settings(tmp_path: Path) -> Settings:
+    """The same settings as ``settings`` without a broker: for tests of configuration and
+    pure logic, which then run in the fast tier."""
+    return _test_settings(NO_BROKER, tmp_path / "home")
 
 
 @pytest.fixture(scope="session")

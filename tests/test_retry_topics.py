@@ -54,8 +54,8 @@ def test_delays_and_supersession() -> None:
     assert newest(old, new) == new and newest(None, old) == old and newest(new, "x") == new
 
 
-def test_delay_topics_are_created_per_delay(settings: Settings) -> None:
-    s = settings.model_copy(update={"fetch_retry_delays": "60, 600,3600"})
+def test_delay_topics_are_created_per_delay(unit_settings: Settings) -> None:
+    s = unit_settings.model_copy(update={"fetch_retry_delays": "60, 600,3600"})
     assert retry_delays(s) == [60.0, 600.0, 3600.0]
     names = list(retry_topics(s))
     assert names == [s.topic(f"{URLS}.retry.{n}") for n in (1, 2, 3)]
