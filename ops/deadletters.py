@@ -34,10 +34,9 @@ import bisect
 import collections
 import dataclasses
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -73,26 +72,6 @@ IDLE_TIMEOUT_S = 30.0
 
 
 # --- filters and entries ------------------------------------------------------------------
-
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_since(text: str, now: datetime | None = None) -> datetime:
-    """An ISO 8601 time (naive means UTC) or a duration back from now (``30m``, ``2h``, ``7d``)."""
-    text = text.strip()
-    m = _DURATION.match(text)
-    if m:
-        return (now or datetime.now(UTC)) - timedelta(seconds=float(m[1]) * _UNIT_S[m[2]])
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(
-            f"expected an ISO 8601 time (2026-05-01T12:00:00Z) or a duration "
-            f"(30m, 2h, 7d), got {text!r}"
-        ) from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

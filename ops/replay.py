@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
-import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Literal, TypeVar
@@ -26,8 +24,9 @@ from typing import Literal, TypeVar
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from streams.errors import RagstreamError
+from streams.errors import InvalidTime, RagstreamError
 from streams.settings import Settings
+from streams.timeparse import parse_time, to_epoch_ms
 from streams.topics import STAGES, admin
 
 log = logging.getLogger(__name__)
@@ -215,31 +214,14 @@ def format_plan(plan: Plan) -> list[str]:
     return lines
 
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
 def parse_datetime(text: str, now_ms: int | None = None) -> int:
-    """ISO 8601, or a duration back from now (``30m``, ``2h``, ``7d``) -> epoch ms.
-
-    A time without a zone is UTC, as everywhere in ragstream (``dlq list --since`` too);
-    ``Z`` or ``+02:00`` say which zone.
-    """
-    text = text.strip()
-    m = _DURATION.match(text)
-    if m:
-        now = now_ms if now_ms is not None else int(time.time() * 1000)
-        return now - int(float(m[1]) * _UNIT_S[m[2]] * 1000)
+    """``--to-datetime``'s value -> epoch ms, in the syntax of ``dlq list --since`` (both
+    are ``streams/timeparse.py``: ISO 8601, naive = UTC, or ``30m``, ``2h``, ``7d`` back)."""
+    now = None if now_ms is None else datetime.fromtimestamp(now_ms / 1000, UTC)
     try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise RagstreamError(
-            f"--to-datetime: {text!r} is neither an ISO 8601 time (2026-05-01T14:30:00Z) "
-            "nor a duration back from now (30m, 2h, 7d)"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
+        return to_epoch_ms(parse_time(text, now))
+    except InvalidTime as exc:
+        raise InvalidTime(f"--to-datetime: {exc}") from None
 
 
 # --- talking to the broker ----------------------------------------------------------------

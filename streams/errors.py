@@ -8,6 +8,7 @@ in one place (``ragstream/cli/__init__.py``).
 
     RagstreamError                  anything below; the CLI prints its message as one line
     ├── ConfigError                 a setting, argument or environment that cannot work
+    │   └── InvalidTime             a time that is neither ISO 8601 nor a duration (2h)
     ├── Unavailable                 a service is not there now; retrying may heal it
     │   ├── KafkaUnavailable        the broker cannot be reached or did not acknowledge
     │   ├── StoreUnavailable        Milvus cannot be opened or written now
@@ -46,6 +47,11 @@ class RagstreamError(Exception):
 
 class ConfigError(RagstreamError):
     """A setting, argument or environment that cannot work: fix it and run again."""
+
+
+class InvalidTime(ConfigError, ValueError):
+    """A time argument (``--since``, ``--to-datetime``) in neither accepted form (see
+    ``streams/timeparse.py``). A ``ValueError`` too, so argparse converters pass it on."""
 
 
 # --- a service is away ----------------------------------------------------------------------

@@ -25,13 +25,13 @@ from ops.deadletters import (
     Filters,
     Progress,
     list_letters,
-    parse_since,
     redrive,
 )
 from ragstream import cli
 from ragstream.cli.dlq import format_rows
 from streams.messages import DeadLetter, UrlRequest, decode_url, encode_dead_letter, encode_url
 from streams.settings import Settings, get_settings
+from streams.timeparse import parse_time
 from streams.topics import CHUNKS, URLS, VECTORS, admin, dlq, ensure_topics, topic_end_offsets
 from tests.helpers import Worker
 
@@ -72,16 +72,6 @@ def test_progress_advance_fit_and_foreign_metadata() -> None:
 
     assert Progress.load(7, "written by something else").done == []
     assert Progress.load(7, METADATA_PREFIX + "x-y").base == 7
-
-
-def test_parse_since() -> None:
-    now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
-    assert parse_since("2h", now) == datetime(2026, 5, 1, 10, 0, tzinfo=UTC)
-    assert parse_since("30m", now) == datetime(2026, 5, 1, 11, 30, tzinfo=UTC)
-    assert parse_since("2026-04-30", now) == datetime(2026, 4, 30, tzinfo=UTC)
-    assert parse_since("2026-04-30T08:00:00+02:00") == datetime(2026, 4, 30, 6, tzinfo=UTC)
-    with pytest.raises(ValueError, match="ISO 8601"):
-        parse_since("yesterday")
 
 
 def test_table_truncates_the_error_to_the_width() -> None:
@@ -242,7 +232,7 @@ def test_list_and_filters(settings: Settings, letters: dict[str, DeadLetter]) ->
     by_class = run(list_letters(settings, Filters(error_classes=frozenset({"fetch"}))))
     assert [e.letter for e in by_class.entries] == [letters["fetch1"], letters["fetch2"]]
 
-    recent = run(list_letters(settings, Filters(since=parse_since("2025-01-01"))))
+    recent = run(list_letters(settings, Filters(since=parse_time("2025-01-01"))))
     assert recent.matched == 6 and letters["gone"] not in [e.letter for e in recent.entries]
 
     limited = run(list_letters(settings, Filters(), limit=2))

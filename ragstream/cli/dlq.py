@@ -20,11 +20,11 @@ from ops.deadletters import (
     Listing,
     RedriveResult,
     list_letters,
-    parse_since,
     redrive,
 )
 from streams.errors import KafkaUnavailable, RagstreamError
 from streams.settings import Settings
+from streams.timeparse import parse_time
 from streams.topics import STAGES
 
 T = TypeVar("T")
@@ -112,7 +112,7 @@ def _filters(p: argparse.ArgumentParser) -> None:
 
 def _since(text: str) -> Any:
     try:
-        return parse_since(text)
+        return parse_time(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
