@@ -14,20 +14,20 @@ number of messages the stage will see again (negative: messages it will skip).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Literal, TypeVar
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from streams import kafka
 from streams.errors import InvalidTime, RagstreamError
 from streams.settings import Settings
 from streams.timeparse import parse_time, to_epoch_ms
-from streams.topics import STAGES, admin
+from streams.topics import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -250,27 +250,22 @@ class GroupInfo:
         )
 
 
-async def _retrying(what: str, call: Callable[[], Awaitable[T]], attempts: int = 10) -> T:
-    """A call that may fail while the broker warms up (no group coordinator yet)."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return await call()
-        except KafkaError as exc:
-            if not getattr(exc, "retriable", False) or attempt == attempts:
-                raise RagstreamError(f"{what}: {type(exc).__name__}: {exc}") from None
-            await asyncio.sleep(min(0.2 * attempt, 2.0))
-    raise AssertionError("unreachable")
+async def _retrying(settings: Settings, what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """A call that may fail while the broker warms up (no group coordinator yet); a refusal
+    for good is one line for the operator, naming what was refused."""
+    try:
+        return await kafka.retrying(what, call, deadline_s=10.0, broker=settings.broker)
+    except KafkaError as exc:
+        raise RagstreamError(f"{what}: {type(exc).__name__}: {exc}") from None
 
 
 async def describe_group(settings: Settings, group: str) -> GroupInfo:
-    client = admin(settings)
-    try:
-        await client.start()
+    async with kafka.started(kafka.admin(settings), settings) as client:
         responses = await _retrying(
-            f"describing group {group}", lambda: client.describe_consumer_groups([group])
+            settings,
+            f"describing group {group}",
+            lambda: client.describe_consumer_groups([group]),
         )
-    finally:
-        await client.close()
     for resp in responses:
         for error_code, name, state, _ptype, _proto, members, *_ in resp.groups:
             if name != group:
@@ -296,13 +291,11 @@ async def read_plan(
         raise RagstreamError(f"unknown stage {stage!r} (one of {', '.join(STAGES)})")
     topic = settings.topic(STAGES[stage])
     group = settings.group(stage)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker, enable_auto_commit=False)
-    client = admin(settings)
-    try:
-        await consumer.start()
-        await client.start()
-        await consumer._client.force_metadata_update()  # noqa: SLF001
-        known = consumer.partitions_for_topic(topic)
+    async with (
+        kafka.started(kafka.admin(settings), settings) as client,
+        kafka.started(kafka.consumer(settings), settings) as consumer,
+    ):
+        known = {tp.partition for tp in await kafka.partitions(client, [topic])}
         if not known:
             raise RagstreamError(f"topic {topic} does not exist on {settings.broker}")
         chosen = sorted(known) if not partitions else sorted(set(partitions))
@@ -316,6 +309,7 @@ async def read_plan(
         earliest = await consumer.beginning_offsets(tps)
         ends = await consumer.end_offsets(tps)
         committed = await _retrying(
+            settings,
             f"reading the offsets of group {group}",
             lambda: client.list_consumer_group_offsets(group, partitions=tps),
         )
@@ -325,9 +319,6 @@ async def read_plan(
             by_time = {
                 tp.partition: (v.offset if v is not None else None) for tp, v in found.items()
             }
-    finally:
-        await client.close()
-        await consumer.stop()
     states = [
         PartitionState(
             tp.partition,
@@ -354,11 +345,7 @@ async def apply_plan(settings: Settings, plan: Plan) -> dict[int, int]:
     if not info.idle:
         raise RagstreamError(info.busy_message(plan.stage))
     tps = {p: TopicPartition(plan.topic, p) for p in offsets}
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.broker, group_id=plan.group, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
+    async with kafka.started(kafka.consumer(settings, group_id=plan.group), settings) as consumer:
         consumer.assign(list(tps.values()))
         try:
             await consumer.commit({tps[p]: off for p, off in offsets.items()})
@@ -369,16 +356,10 @@ async def apply_plan(settings: Settings, plan: Plan) -> dict[int, int]:
                 if not info.idle
                 else f"the broker refused the commit for group {plan.group}; run replay again"
             ) from None
-    finally:
-        await consumer.stop()
     for p, off in sorted(offsets.items()):
         log.info("group %s: %s[%d] committed offset %d", plan.group, plan.topic, p, off)
-    client = admin(settings)
-    await client.start()
-    try:
+    async with kafka.started(kafka.admin(settings), settings) as client:
         held = await client.list_consumer_group_offsets(plan.group, partitions=list(tps.values()))
-    finally:
-        await client.close()
     out = {tp.partition: meta.offset for tp, meta in held.items()}
     wrong = {p: (off, out.get(p)) for p, off in offsets.items() if out.get(p) != off}
     if wrong:

@@ -43,11 +43,13 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from jsonschema import Draft202012Validator
 
+from ops.publisher import CONNECT_BACKOFF_S, Publisher
+from streams import kafka
 from streams.errors import BadRequest, DecodeError, KafkaUnavailable, RagstreamError, Rejected
 from streams.ids import normalize_url
 from streams.messages import UrlRequest, decode_url, encode_url, utcnow, validator
 from streams.settings import Settings
-from streams.topics import DELIVERIES, URLS, ensure_topics
+from streams.topics import DELIVERIES
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +60,8 @@ GITHUB_SIGNATURE = "X-Hub-Signature-256"
 GITHUB_EVENT = "X-GitHub-Event"
 GITHUB_DELIVERY = "X-GitHub-Delivery"
 
-#: Seconds /readyz waits for the broker's metadata before answering 503.
-READY_TIMEOUT_S = 3.0
 #: Longest time reading ``webhooks.deliveries`` at startup may take before it is retried.
 LOAD_TIMEOUT_S = 120.0
-#: First and longest delay between attempts to reach Kafka at startup.
-CONNECT_BACKOFF_S = (0.5, 10.0)
 
 
 # --- signatures -------------------------------------------------------------------------
@@ -510,13 +508,10 @@ class Deliveries:
 
     async def load(self) -> int:
         """Read the topic to its current end (raises if Kafka fails; the caller retries)."""
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.broker,
-            enable_auto_commit=False,
-            request_timeout_ms=15000,
-        )
-        await consumer.start()
+        consumer = kafka.consumer(self.settings, request_timeout_ms=15000)
         try:
+            with kafka.translated(self.settings, f"reading {self.topic}"):
+                await consumer.start()
             tps = [TopicPartition(self.topic, 0)]  # written to partition 0 only (``record``)
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
@@ -530,7 +525,9 @@ class Deliveries:
                             n += 1
         except TimeoutError:
             await consumer.stop()
-            raise TimeoutError(f"{self.topic} not read to its end in {LOAD_TIMEOUT_S} s") from None
+            raise KafkaUnavailable(
+                f"{self.topic} not read to its end in {LOAD_TIMEOUT_S} s"
+            ) from None
         except BaseException:
             await consumer.stop()
             raise
@@ -585,57 +582,33 @@ class Deliveries:
 # --- Kafka ------------------------------------------------------------------------------
 
 
-class Publisher:
-    """One idempotent ``acks=all`` producer for the process's lifetime.
+class WebhookPublisher(Publisher):
+    """The one publisher (``ops/publisher.py``), as the server needs it.
 
-    Connecting happens in the background, retried with backoff, so that the server comes
-    up (``/healthz`` 200, ``/readyz`` 503) while Kafka is away, instead of crash-looping.
+    It connects in the background (:meth:`Publisher.connect`), so the server comes up
+    (``/healthz`` 200, ``/readyz`` 503) while Kafka is away instead of crash-looping, and is
+    ready only once every remembered delivery is known: a replay accepted during startup
+    would defeat the log. Sends wait at most ``webhook_timeout_s`` for their acks.
     """
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.topic = settings.topic(URLS)
+        super().__init__(
+            settings, linger_ms=2, request_timeout_ms=int(settings.webhook_timeout_s * 1000)
+        )
         self.deliveries = Deliveries(settings)
-        self.producer: AIOKafkaProducer | None = None
-        self.last_error: str = "not connected yet"
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    def start_in_background(self) -> None:
         self._task = asyncio.create_task(self._connect(), name="webhooks-kafka-connect")
 
     async def _connect(self) -> None:
-        delay, longest = CONNECT_BACKOFF_S
-        while True:
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self.settings.broker,
-                acks="all",
-                enable_idempotence=True,
-                linger_ms=2,
-                request_timeout_ms=int(self.settings.webhook_timeout_s * 1000),
-            )
-            try:
-                await ensure_topics(self.settings)
-                await producer.start()
-                # Ready (a producer to publish with) only once every remembered delivery is
-                # known: a replay accepted during startup would defeat the log.
-                n = await self.deliveries.load()
-            except Exception as exc:  # any failure: retry, report in /readyz
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("Kafka at %s unreachable (%s); retrying", self.settings.broker, exc)
-                with contextlib.suppress(Exception):
-                    await producer.stop()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, longest)
-                continue
-            self.producer = producer
-            log.info(
-                "producing to %s on %s (%d delivery ids remembered)",
-                self.topic,
-                self.settings.broker,
-                len(self.deliveries.log),
-            )
-            log.debug("read %d records of %s", n, self.deliveries.topic)
-            return
+        await self.connect(then=self.deliveries.load)
+        log.info(
+            "producing to %s on %s (%d delivery ids remembered)",
+            self.topic,
+            self.settings.broker,
+            len(self.deliveries.log),
+        )
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -643,40 +616,17 @@ class Publisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.deliveries.stop()
-        if self.producer is not None:
-            await self.producer.stop()  # flushes what is in flight
-            self.producer = None
-
-    async def ready(self) -> str | None:
-        """``None`` when the broker answers a metadata request in time, else why not."""
-        if self.producer is None:
-            return self.last_error
-        try:
-            async with asyncio.timeout(READY_TIMEOUT_S):
-                await self.producer.client.fetch_all_metadata()
-        except Exception as exc:  # whatever the cause, not ready
-            return f"broker {self.settings.broker} unreachable: {type(exc).__name__}"
-        return None
+        await self.stop_producer()
 
     async def send_all(self, requests: list[UrlRequest]) -> None:
-        """Produce every request (keyed by URL), then wait for all their acks."""
-        if self.producer is None:
-            raise KafkaUnavailable(f"not connected to Kafka ({self.last_error})")
-        try:
-            async with asyncio.timeout(self.settings.webhook_timeout_s):
-                futures = [
-                    await self.producer.send(self.topic, encode_url(r), key=r.key())
-                    for r in requests
-                ]
-                await asyncio.gather(*futures)
-        except Exception as exc:
-            raise KafkaUnavailable(f"Kafka did not acknowledge: {type(exc).__name__}") from exc
+        """Produce every request, then wait for all their acks (KafkaUnavailable if not)."""
+        await self.send(requests, timeout_s=self.settings.webhook_timeout_s)
 
 
 # --- the application --------------------------------------------------------------------
 
 SETTINGS = web.AppKey("settings", Settings)
-PUBLISHER = web.AppKey("publisher", Publisher)
+PUBLISHER = web.AppKey("publisher", WebhookPublisher)
 INSECURE = web.AppKey("insecure", bool)
 
 
@@ -861,7 +811,7 @@ def create_app(settings: Settings, *, insecure_no_signature: bool = False) -> we
         raise RagstreamError(f"RAGSTREAM_GITHUB_RAW_BASE: {exc}") from None
     app = web.Application(client_max_size=settings.webhook_max_bytes, middlewares=[_errors_as_json])
     app[SETTINGS] = settings
-    app[PUBLISHER] = Publisher(settings)
+    app[PUBLISHER] = WebhookPublisher(settings)
     app[INSECURE] = insecure_no_signature
     app.cleanup_ctx.append(_kafka_lifecycle)
     app.router.add_post("/v1/urls", post_urls)
@@ -873,7 +823,7 @@ def create_app(settings: Settings, *, insecure_no_signature: bool = False) -> we
 
 async def _kafka_lifecycle(app: web.Application) -> AsyncIterator[None]:
     publisher = app[PUBLISHER]
-    await publisher.start()
+    publisher.start_in_background()
     try:
         yield
     finally:

@@ -7,21 +7,18 @@ one embed worker per partition is the design.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import (
-    CoordinatorLoadInProgressError,
-    GroupCoordinatorNotAvailableError,
-    NotCoordinatorError,
-    TopicAlreadyExistsError,
-)
+from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.structs import OffsetAndMetadata
 
+from streams import kafka
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -105,26 +102,23 @@ def topic_config(name: str, settings: Settings | None = None) -> dict[str, str]:
     return {}
 
 
-def admin(settings: Settings) -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(bootstrap_servers=settings.broker, request_timeout_ms=15000)
-
-
-async def message_limits(broker: str, topics: list[str]) -> dict[str, int]:
+async def message_limits(settings: Settings | str, topics: list[str]) -> dict[str, int]:
     """The largest record batch the broker accepts on each topic, in bytes.
 
     A topic's ``max.message.bytes`` (which already falls back to the broker's
     ``message.max.bytes``); for a topic the broker does not describe, the broker's
     ``message.max.bytes``; failing that, Kafka's default. Read once when a stage starts: a
     produce over the limit can never succeed, so the stage dead-letters it instead.
+    ``settings`` may still be a bare broker address (the connection is then only that).
     """
-    client = AIOKafkaAdminClient(bootstrap_servers=broker, request_timeout_ms=15000)
-    await client.start()
-    try:
+    if isinstance(settings, str):
+        settings = Settings(broker=settings)
+    async with kafka.started(kafka.admin(settings), settings) as client:
         out: dict[str, int] = {}
         broker_max = BROKER_DEFAULT_MAX_BYTES
         try:
-            cluster = await client._client.fetch_all_metadata()  # noqa: SLF001
-            node = min(b.nodeId for b in cluster.brokers())
+            cluster = await client.describe_cluster()
+            node = min(b["node_id"] for b in cluster["brokers"])
             res = ConfigResource(ConfigResourceType.BROKER, str(node), {"message.max.bytes": None})
             broker_max = _config_value(await client.describe_configs([res]), "message.max.bytes")
         except Exception as exc:  # an old or locked-down broker: assume Kafka's default
@@ -145,8 +139,6 @@ async def message_limits(broker: str, topics: list[str]) -> dict[str, int]:
                     if key == "max.message.bytes" and str(value).isdigit():
                         out[name] = int(value)
         return {t: out.get(t, broker_max) for t in topics}
-    finally:
-        await client.close()
 
 
 def _config_value(responses: list, key: str) -> int:
@@ -160,9 +152,7 @@ def _config_value(responses: list, key: str) -> int:
 
 async def ensure_topics(settings: Settings) -> None:
     """Create missing topics with their configured partitions (idempotent)."""
-    client = admin(settings)
-    await client.start()
-    try:
+    async with kafka.started(kafka.admin(settings), settings) as client:
         existing = set(await client.list_topics())
         new = [
             NewTopic(
@@ -178,8 +168,6 @@ async def ensure_topics(settings: Settings) -> None:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await client.create_topics(new)
             log.info("created topics %s", ", ".join(t.name for t in new))
-    finally:
-        await client.close()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -197,43 +185,49 @@ class StageLag:
 class OffsetReader:
     """One admin client and one consumer for reading group and end offsets repeatedly:
     following progress polls often, and connecting anew for every poll costs more CPU than
-    the work it watches on a small machine."""
+    the work it watches on a small machine. A topic's partitions are looked up once (again
+    after :data:`PARTITIONS_MAX_AGE_S`), and until it has some, at every read, so a topic
+    created meanwhile is seen at once."""
+
+    #: How long a topic's known partitions are trusted (aiokafka's metadata age).
+    PARTITIONS_MAX_AGE_S = 300.0
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.admin = admin(settings)
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.broker, enable_auto_commit=False
-        )
+        self.admin = kafka.admin(settings)
+        self.consumer = kafka.consumer(settings)
+        self._known: dict[str, tuple[float, list[TopicPartition]]] = {}
+        self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> OffsetReader:
-        await self.admin.start()
-        try:
-            await self.consumer.start()
-        except BaseException:
-            await self.admin.close()
-            raise
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(kafka.started(self.admin, self.settings))
+            await stack.enter_async_context(kafka.started(self.consumer, self.settings))
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.consumer.stop()
-        await self.admin.close()
+        await self._stack.aclose()
 
     async def _partitions(self, topic: str) -> list[TopicPartition]:
-        parts = self.consumer.partitions_for_topic(topic)
-        if parts is None:
-            await self.consumer._client.force_metadata_update()  # noqa: SLF001
-            parts = self.consumer.partitions_for_topic(topic) or set()
-        return [TopicPartition(topic, p) for p in sorted(parts)]
+        at, tps = self._known.get(topic, (0.0, []))
+        if not tps or time.monotonic() - at > self.PARTITIONS_MAX_AGE_S:
+            with kafka.translated(self.settings, f"listing the partitions of {topic}"):
+                tps = await kafka.partitions(self.admin, [topic])
+            self._known[topic] = (time.monotonic(), tps)
+        return tps
 
     async def end(self, topic: str) -> int:
         """Messages ever written to ``topic`` (the sum of its partitions' end offsets)."""
         tps = await self._partitions(topic)
-        return sum((await self.consumer.end_offsets(tps)).values()) if tps else 0
+        if not tps:
+            return 0
+        with kafka.translated(self.settings, f"reading the end offsets of {topic}"):
+            return sum((await self.consumer.end_offsets(tps)).values())
 
     async def committed(self, group: str, topic: str) -> int:
         """Sum of ``group``'s committed offsets on ``topic`` (0 where none)."""
-        offsets = await _group_offsets(self.admin, group)
+        offsets = await group_offsets(self.settings, self.admin, group)
         return sum(m.offset for tp, m in offsets.items() if tp.topic == topic and m.offset > 0)
 
     async def stage_lags(self) -> list[StageLag]:
@@ -255,7 +249,9 @@ class OffsetReader:
                 # topics' ends), so a request moving between them is always seen somewhere.
                 names = set(retry_topics(self.settings))
                 if names:
-                    offsets = await _group_offsets(self.admin, self.settings.group(RETRY_GROUP))
+                    offsets = await group_offsets(
+                        self.settings, self.admin, self.settings.group(RETRY_GROUP)
+                    )
                     committed += sum(
                         m.offset for tp, m in offsets.items() if tp.topic in names and m.offset > 0
                     )
@@ -271,21 +267,16 @@ async def stage_lags(settings: Settings) -> list[StageLag]:
         return await reader.stage_lags()
 
 
-async def _group_offsets(client: AIOKafkaAdminClient, group: str) -> dict:
-    """A group's committed offsets; waits out a coordinator that is still loading (a
-    fresh broker creates ``__consumer_offsets`` on first use)."""
-    for attempt in range(60):
-        try:
-            return await client.list_consumer_group_offsets(group)
-        except (
-            GroupCoordinatorNotAvailableError,
-            CoordinatorLoadInProgressError,
-            NotCoordinatorError,
-        ):
-            if attempt == 59:
-                raise
-            await asyncio.sleep(0.5)
-    return {}
+async def group_offsets(
+    settings: Settings, client: AIOKafkaAdminClient, group: str
+) -> dict[TopicPartition, OffsetAndMetadata]:
+    """A group's committed offsets; waits out a coordinator that is still loading (a fresh
+    broker creates ``__consumer_offsets`` on first use), as long as the broker says so."""
+    return await kafka.retrying(
+        f"reading the offsets of group {group}",
+        lambda: client.list_consumer_group_offsets(group),
+        broker=settings.broker,
+    )
 
 
 async def topic_end_offsets(settings: Settings, topics: list[str]) -> dict[str, int]:

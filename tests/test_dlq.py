@@ -29,10 +29,11 @@ from ops.deadletters import (
 )
 from ragstream import cli
 from ragstream.cli.dlq import format_rows
+from streams.kafka import admin
 from streams.messages import DeadLetter, UrlRequest, decode_url, encode_dead_letter, encode_url
 from streams.settings import Settings, get_settings
 from streams.timeparse import parse_time
-from streams.topics import CHUNKS, URLS, VECTORS, admin, dlq, ensure_topics, topic_end_offsets
+from streams.topics import CHUNKS, URLS, VECTORS, dlq, ensure_topics, topic_end_offsets
 from tests.helpers import Worker
 
 # --- the progress record (no broker) ------------------------------------------------------
@@ -90,7 +91,7 @@ def test_table_truncates_the_error_to_the_width() -> None:
 OLD = "2020-01-01T00:00:00.000Z"
 
 
-def run(coro):  # noqa: ANN001, ANN201
+def run(coro):
     return asyncio.run(coro)
 
 
@@ -109,7 +110,7 @@ async def read_topic(settings: Settings, topic: str) -> list[tuple[bytes | None,
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker, enable_auto_commit=False)
     await consumer.start()
     try:
-        await consumer._client.force_metadata_update()  # noqa: SLF001
+        await consumer._client.force_metadata_update()
         tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)

@@ -16,6 +16,7 @@ from agents.docstate import DocStates
 from devtools.corpus import CorpusServer
 from streams.documents import VALIDATOR_MAX_CHARS, DocState
 from streams.ids import doc_id, normalize_url, text_hash
+from streams.kafka import admin
 from streams.messages import (
     Chunk,
     DeadLetter,
@@ -25,7 +26,7 @@ from streams.messages import (
     validator,
 )
 from streams.settings import Settings
-from streams.topics import CHUNKS, URLS, VECTORS, admin, dlq, stage_lags
+from streams.topics import CHUNKS, URLS, VECTORS, dlq, stage_lags
 from tests.helpers import Worker, baseline, milvus_rows, publish_urls, run, wait_for
 from tests.test_deadletters import produce, read_dlq
 from tests.test_dlq import read_topic

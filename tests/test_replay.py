@@ -26,8 +26,9 @@ from ops.replay import (
     resume_offset,
 )
 from streams.errors import RagstreamError
+from streams.kafka import admin
 from streams.settings import Settings
-from streams.topics import CHUNKS, admin, ensure_topics, stage_lags
+from streams.topics import CHUNKS, ensure_topics, stage_lags
 from tests.helpers import Worker, baseline, expected_index, milvus_rows, publish_urls, wait_for
 
 # --- the pure plan ------------------------------------------------------------------------
