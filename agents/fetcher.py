@@ -231,7 +231,14 @@ class _KeepLocation(httpx.AsyncBaseTransport):
 
 
 class Fetcher:
-    """Fetches pages with one keep-alive client, a global and a per-host concurrency cap."""
+    """Fetches pages with one keep-alive client, a global and a per-host concurrency cap.
+
+    ``transport`` is for tests: an ``httpx.MockTransport`` answers instead of the network.
+    It replaces the ``GuardedTransport``, so what only the socket layer checks (the
+    addresses a host name resolves to) is not checked; everything above it still runs:
+    scheme and literal-address checks on every redirect hop, robots.txt, politeness,
+    retries, size caps, deadlines. Without one, every connection goes through the guard.
+    """
 
     def __init__(
         self,
