@@ -1,1 +1,3 @@
-"""The Faust app, settings, topics, message codecs and the pure logic of ragstream."""
+"""The core of ragstream: settings, the error tree, messages, the pure logic, and the adapters
+to Kafka, Milvus and the model. It imports nothing from the stages, ``ops`` or the CLI
+(docs/architecture.md)."""
