@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import ragstream.cli.status
+from ops.demo import demo_settings, worker_env
 from ragstream import cli
 from streams.errors import (
     ConfigError,
@@ -23,7 +24,7 @@ from streams.errors import (
     RagstreamError,
     StoreUnavailable,
 )
-from streams.settings import Settings, get_settings
+from streams.settings import MINILM, Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_DIR = ROOT / "ragstream" / "cli"
@@ -174,3 +175,16 @@ def test_only_main_reads_the_environment() -> None:
     }
     assert list(readers) == ["ragstream/cli/__init__.py"]
     assert len(readers["ragstream/cli/__init__.py"]) == 1
+
+
+def test_the_demo_hands_its_own_settings_to_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the demo's worker and search use comes from the settings it derived, not from
+    a changed environment (the demo no longer writes os.environ)."""
+    monkeypatch.delenv("RAGSTREAM_MODEL", raising=False)
+    chosen = demo_settings(Settings(fetch_allow="10.0.0.0/8"))
+    assert chosen.model == MINILM
+    assert chosen.fetch_allow == "10.0.0.0/8,127.0.0.1/32"
+    assert demo_settings(Settings(model="BAAI/bge-small-en-v1.5")).model == "BAAI/bge-small-en-v1.5"
+    env = worker_env(chosen.model_copy(update={"broker": "127.0.0.1:9"}))
+    assert env["RAGSTREAM_MODEL"] == MINILM and env["RAGSTREAM_BROKER"] == "127.0.0.1:9"
+    assert env["RAGSTREAM_FETCH_ALLOW"] == "10.0.0.0/8,127.0.0.1/32"
