@@ -120,7 +120,9 @@ def broker(settings: Settings, bench_home: Path, console: Console) -> Iterator[s
         kafka_local.down(own)
 
 
-def pipeline_settings(settings: Settings, bootstrap: str, bench_home: Path, opts: PipelineOptions):
+def pipeline_settings(
+    settings: Settings, bootstrap: str, bench_home: Path, opts: PipelineOptions
+) -> tuple[Settings, Path]:
     """A fresh namespace: its own topics, consumer groups, Faust data and Milvus target."""
     ns = f"bench{time.strftime('%m%d%H%M%S')}{uuid.uuid4().hex[:4]}"
     run_dir = (bench_home / "runs" / ns).resolve()

@@ -47,7 +47,7 @@ from ops.publisher import CONNECT_BACKOFF_S, Publisher
 from streams import kafka
 from streams.errors import BadRequest, DecodeError, KafkaUnavailable, RagstreamError, Rejected
 from streams.ids import normalize_url
-from streams.messages import UrlRequest, decode_url, encode_url, utcnow, validator
+from streams.messages import UrlRequest, decode_url, encode_url, schema, utcnow
 from streams.settings import Settings
 from streams.topics import DELIVERIES
 
@@ -161,12 +161,12 @@ _URLS_KEYS = {"urls", "source", "force"}
 
 @cache
 def _url_max_length() -> int:
-    return int(validator("urls").schema["properties"]["url"]["maxLength"])
+    return int(schema("urls")["properties"]["url"]["maxLength"])
 
 
 @cache
 def _url_validator() -> Draft202012Validator:
-    return Draft202012Validator(validator("urls").schema["properties"]["url"])
+    return Draft202012Validator(schema("urls")["properties"]["url"])
 
 
 #: Characters no URL may carry raw: C0 controls and DEL. ``urlsplit`` silently drops tab, CR

@@ -5,15 +5,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pydantic import AliasChoices
+from pydantic.fields import FieldInfo
+
 from streams.settings import Settings
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 
-def env_name(name: str, field) -> str:
+def env_name(name: str, field: FieldInfo) -> str:
     alias = field.validation_alias
-    if alias is not None:
+    if isinstance(alias, AliasChoices):
         return " / ".join(f"`{c}`" for c in alias.choices)
+    if isinstance(alias, str):
+        return f"`{alias}`"
     return f"`RAGSTREAM_{name.upper()}`"
 
 

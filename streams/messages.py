@@ -66,12 +66,19 @@ StrictValidator = validators.extend(
 
 
 @cache
+def schema(name: str) -> dict[str, Any]:
+    """``schemas/<name>.v1.json``, checked against the metaschema (read once per process):
+    the one place a limit written in a schema is read from. Shared: do not modify it."""
+    loaded: dict[str, Any] = orjson.loads((SCHEMA_DIR / f"{name}.v{VERSION}.json").read_bytes())
+    Draft202012Validator.check_schema(loaded)
+    return loaded
+
+
+@cache
 def validator(name: str) -> Draft202012Validator:
     """The compiled validator of ``schemas/<name>.v1.json`` (compiled once per process):
     strict integers and end-anchored patterns (see ``StrictValidator``)."""
-    schema = orjson.loads((SCHEMA_DIR / f"{name}.v{VERSION}.json").read_bytes())
-    Draft202012Validator.check_schema(schema)
-    return StrictValidator(schema)
+    return StrictValidator(schema(name))
 
 
 def _parse(name: str, raw: bytes | None) -> dict[str, Any]:
