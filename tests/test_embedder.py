@@ -9,6 +9,10 @@ from streams.embedder import Embedder, is_m3, pooling_of
 from streams.model import resolve_model_path
 from streams.settings import MINILM, Settings
 
+#: Loads the MiniLM tokenizer or model (seconds of imports and loading): left out of the
+#: fast tier (`scripts/test.sh --fast`), run by the full suite.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def embedder() -> Embedder:

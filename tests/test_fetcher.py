@@ -182,6 +182,7 @@ def test_503_with_an_http_date_waits_too() -> None:
     assert getattr(fetch(script, fetch_attempts=1), "status", None) == 200
 
 
+@pytest.mark.slow  # seconds of real waits: test_fetcher_mock.py has them on a virtual clock
 def test_patience_runs_out_then_429_counts_as_transient_failure() -> None:
     script = Script(resp(429, Retry_After="1"))
     t0 = time.monotonic()
@@ -194,6 +195,7 @@ def test_patience_runs_out_then_429_counts_as_transient_failure() -> None:
     assert 2.0 <= time.monotonic() - t0 < 6
 
 
+@pytest.mark.slow  # seconds of real waits: test_fetcher_mock.py has them on a virtual clock
 def test_retry_after_beyond_patience_is_not_waited_for() -> None:
     """A day is beyond a patience of 2 s: each answer spends an attempt at once (the host
     itself stays paused for the patience, at most)."""
@@ -707,6 +709,7 @@ def test_robots_server_errors_are_transient_and_retried() -> None:
     assert "/a" not in [p for _, p in log]  # not fetched against rules we could not read
 
 
+@pytest.mark.slow  # seconds of real waits: test_fetcher_mock.py has them on a virtual clock
 def test_a_rate_limited_host_is_slowed_down() -> None:
     """A host that allows 20 requests/s (429 past it): every page arrives, none fails."""
     stamps: list[float] = []

@@ -29,6 +29,10 @@ from streams.extract import (
 )
 from streams.messages import decode_chunk, encode_chunk
 
+#: Loads the MiniLM tokenizer or model (seconds of imports and loading): left out of the
+#: fast tier (`scripts/test.sh --fast`), run by the full suite.
+pytestmark = pytest.mark.slow
+
 URL = "https://example.org/docs/page"
 #: The classes a refusal may carry: the documented ones (docs/security.md).
 DOCUMENTED = {

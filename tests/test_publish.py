@@ -164,6 +164,7 @@ def test_index_is_followed_with_gzip_relative_locs_dedupe_and_cycles() -> None:
     assert seen.count("/sitemap_index.xml") == 1  # read once despite the cycle
 
 
+@pytest.mark.slow  # seconds of real backoff on the 500
 def test_depth_limit_and_unreadable_given_sitemap() -> None:
     site = "https://a.example"
     pages: dict[str, bytes | int] = {

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from streams.settings import MINILM, Settings
 
 
@@ -37,6 +39,7 @@ def test_to_env_round_trips(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow  # starts Milvus Lite in a child process
 def test_a_lite_path_in_milvus_uri_opens(tmp_path: Path) -> None:
     """pymilvus itself rejects a non-http MILVUS_URI at import; ragstream must not."""
     db = tmp_path / "lite.db"
