@@ -4,7 +4,8 @@ One consumer per ``chunks`` partition. The agent gathers a pool of chunks (by co
 time), plans token-budget batches over it, and hands the pool to an encoder task; while
 that task runs the model (in a thread: torch releases the GIL, so heartbeats, commits and
 the next pool's gathering go on), the agent gathers the next pool. A pool's vectors are
-produced in offset order and its events acked once the broker has them all.
+produced in offset order and its events acked once the broker has them all (the commit
+rule of :mod:`agents.checkpoint`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 
 import faust
+import numpy as np
 from faust.types import EventT
 
 from agents.app import dlq_topic, topic
-from agents.checkpoint import delivered, fatal
+from agents.checkpoint import Checkpoint, InOrder, delivered
 from agents.common import Outcome, dead_letter, hop_headers, hops_of, produce
 from streams.batching import plan_batches
 from streams.embedder import Embedder
@@ -41,7 +43,147 @@ class EmbedStats:
         self.tokens = 0
 
 
+class EmbedStage:
+    """The embed stage's logic, without Faust: pools of ``chunks`` events -> ``vectors``.
+
+    ``embedder`` is the model (an :class:`Embedder`: ``tokenize``, ``encode_ids``,
+    ``n_special``, ``name``, ``dim``), ``vectors`` the output topic, ``dlq`` the
+    dead-letter topic of ``chunks``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        embedder: Embedder,
+        vectors: faust.TopicT,
+        dlq: faust.TopicT,
+        stats: EmbedStats | None = None,
+    ) -> None:
+        self.settings = settings
+        self.embedder = embedder
+        self.vectors = vectors
+        self.dlq = dlq
+        self.stats = stats or EmbedStats()
+        self._pools: InOrder | None = None
+        self._last_log = 0.0
+
+    async def run(self, stream: faust.StreamT) -> None:
+        """Gather pool after pool; one is encoded while the next is gathered, and each
+        pool's events are acked once its vectors (or dead letters) are delivered."""
+        pool = self.settings.embed_max_batch * 4
+        checkpoint = Checkpoint(stream.ack, "embedding a pool")
+        async with InOrder(checkpoint, in_flight=1) as pools:
+            self._pools = pools
+            async for events in stream.noack_take(pool, within=self.settings.embed_gather_s):
+                pool_events = list(events)
+                await pools.add(pool_events, self.encode_pool(pool_events))
+
+    async def encode_pool(self, events: list[EventT]) -> None:
+        """Embed one pool; return once each event's vector or dead letter is delivered."""
+        dlq, settings, stats, embedder = self.dlq, self.settings, self.stats, self.embedder
+        decoded: list[Chunk | None] = []
+        sent: list[Awaitable] = []
+        for event in events:
+            try:
+                decoded.append(decode_chunk(event.message.value))
+            except DecodeError as exc:
+                decoded.append(None)
+                sent.append(await dead_letter(dlq, STAGE, event, exc.error_class, str(exc)))
+        upserts = {i: c for i, c in enumerate(decoded) if c is not None and c.op == "upsert"}
+        todo = list(upserts)
+        results: dict[int, Vector | Exception] = {}
+        if todo:
+            texts = [upserts[i].text or "" for i in todo]
+            ids = await asyncio.to_thread(embedder.tokenize, texts)
+            lengths = [len(x) for x in ids]
+            for b, n in enumerate(lengths):
+                if n <= embedder.n_special:  # e.g. only zero-width or control characters
+                    results[todo[b]] = ValueError("text has no token the model can read")
+            for batch in plan_batches(
+                lengths, settings.embed_batch_tokens, settings.embed_max_batch
+            ):
+                batch = [b for b in batch if todo[b] not in results]
+                if not batch:
+                    continue
+                idx = [todo[b] for b in batch]
+                results.update(
+                    await self.encode_batch(
+                        [upserts[i] for i in idx],
+                        idx,
+                        [ids[b] for b in batch],
+                    )
+                )
+                stats.tokens += sum(lengths[b] for b in batch)
+        for i, (event, chunk) in enumerate(zip(events, decoded, strict=True)):
+            if chunk is None:
+                continue
+            if chunk.op == "delete":
+                vec: Vector | Exception = Vector(chunk=chunk)
+            else:
+                vec = results[i]
+            if isinstance(vec, Exception):
+                sent.append(await dead_letter(dlq, STAGE, event, "embed", repr(vec), 1, chunk.url))
+            else:
+                out = Outcome(dlq, STAGE, event, chunk.url)  # over the size limit: dead letter
+                hops = hop_headers(hops_of(event))
+                sent.append(
+                    await produce(self.vectors, chunk.key(), encode_vector(vec), out, headers=hops)
+                )
+        await delivered(sent)
+        self._log_stats()
+
+    async def encode_batch(
+        self, batch: list[Chunk], idx: list[int], ids: list[list[int]]
+    ) -> dict[int, Vector | Exception]:
+        """One encode call; if it fails, each text alone, so one bad text costs one."""
+        embedder, stats = self.embedder, self.stats
+        t0 = time.perf_counter()
+        try:
+            out = await asyncio.to_thread(embedder.encode_ids, ids)
+            encoded = [
+                (c, out.dense[j], out.sparse[j] if out.sparse else None)
+                for j, c in enumerate(batch)
+            ]
+        except Exception as exc:
+            if len(batch) == 1:
+                log.warning("cannot embed chunk of %s: %r", batch[0].url, exc)
+                return {idx[0]: exc}
+            res: dict[int, Vector | Exception] = {}
+            for c, i, one in zip(batch, idx, ids, strict=True):
+                res.update(await self.encode_batch([c], [i], [one]))
+            return res
+        finally:
+            stats.busy_s += time.perf_counter() - t0
+        stats.texts += len(batch)
+        return {
+            i: Vector(
+                chunk=c,
+                model=embedder.name,
+                dim=embedder.dim,
+                dense=dense,
+                sparse=Sparse(list(sp), _f32(sp.values())) if sp is not None else None,
+            )
+            for i, (c, dense, sp) in zip(idx, encoded, strict=True)
+        }
+
+    def _log_stats(self) -> None:
+        """Cumulative, every 2 s and whenever no pool waits; the benchmark reads the model's
+        busy fraction from these lines."""
+        now = time.perf_counter()
+        idle = self._pools is None or self._pools.pending == 0
+        if now - self._last_log >= 2.0 or idle:
+            stats = self.stats
+            log.info(
+                "embed stats: busy_s=%.3f texts=%d tokens=%d",
+                stats.busy_s,
+                stats.texts,
+                stats.tokens,
+            )
+            self._last_log = now
+
+
 def register(app: faust.App, settings: Settings) -> None:
+    """Wire the embed stage into ``app``: its agent on ``chunks``."""
     chunks = topic(app, settings, CHUNKS)
     vectors = topic(app, settings, VECTORS)
     dlq = dlq_topic(app, settings, CHUNKS)
@@ -50,124 +192,10 @@ def register(app: faust.App, settings: Settings) -> None:
     @app.agent(chunks, name="embed")
     async def embed(stream: faust.StreamT) -> None:
         embedder = await asyncio.to_thread(Embedder, settings)
-        pools: asyncio.Queue[list[EventT]] = asyncio.Queue(maxsize=1)
-
-        async def encode_pool(events: list[EventT]) -> None:
-            decoded: list[Chunk | None] = []
-            sent: list[Awaitable] = []
-            for event in events:
-                try:
-                    decoded.append(decode_chunk(event.message.value))
-                except DecodeError as exc:
-                    decoded.append(None)
-                    sent.append(await dead_letter(dlq, STAGE, event, exc.error_class, str(exc)))
-            todo = [i for i, c in enumerate(decoded) if c is not None and c.op == "upsert"]
-            results: dict[int, Vector | Exception] = {}
-            if todo:
-                texts = [decoded[i].text or "" for i in todo]  # type: ignore[union-attr]
-                ids = await asyncio.to_thread(embedder.tokenize, texts)
-                lengths = [len(x) for x in ids]
-                for b, n in enumerate(lengths):
-                    if n <= embedder.n_special:  # e.g. only zero-width or control characters
-                        results[todo[b]] = ValueError("text has no token the model can read")
-                for batch in plan_batches(
-                    lengths, settings.embed_batch_tokens, settings.embed_max_batch
-                ):
-                    batch = [b for b in batch if todo[b] not in results]
-                    if not batch:
-                        continue
-                    idx = [todo[b] for b in batch]
-                    results.update(
-                        await encode_batch(
-                            embedder, [decoded[i] for i in idx], idx, [ids[b] for b in batch]
-                        )
-                    )
-                    stats.tokens += sum(lengths[b] for b in batch)
-            for i, (event, chunk) in enumerate(zip(events, decoded, strict=True)):
-                if chunk is None:
-                    continue
-                if chunk.op == "delete":
-                    vec: Vector | Exception = Vector(chunk=chunk)
-                else:
-                    vec = results[i]
-                if isinstance(vec, Exception):
-                    sent.append(
-                        await dead_letter(dlq, STAGE, event, "embed", repr(vec), 1, chunk.url)
-                    )
-                else:
-                    out = Outcome(dlq, STAGE, event, chunk.url)  # over the size limit: dead letter
-                    hops = hop_headers(hops_of(event))
-                    sent.append(
-                        await produce(vectors, chunk.key(), encode_vector(vec), out, headers=hops)
-                    )
-            await delivered(sent)
-
-        async def encode_batch(
-            embedder: Embedder, batch: list[Chunk], idx: list[int], ids: list[list[int]]
-        ) -> dict[int, Vector | Exception]:
-            """One encode call; if it fails, each text alone, so one bad text costs one."""
-            t0 = time.perf_counter()
-            try:
-                out = await asyncio.to_thread(embedder.encode_ids, ids)
-                encoded = [
-                    (c, out.dense[j], out.sparse[j] if out.sparse else None)
-                    for j, c in enumerate(batch)
-                ]
-            except Exception as exc:
-                if len(batch) == 1:
-                    log.warning("cannot embed chunk of %s: %r", batch[0].url, exc)
-                    return {idx[0]: exc}
-                res: dict[int, Vector | Exception] = {}
-                for c, i, one in zip(batch, idx, ids, strict=True):
-                    res.update(await encode_batch(embedder, [c], [i], [one]))
-                return res
-            finally:
-                stats.busy_s += time.perf_counter() - t0
-            stats.texts += len(batch)
-            return {
-                i: Vector(
-                    chunk=c,
-                    model=embedder.name,
-                    dim=embedder.dim,
-                    dense=dense,
-                    sparse=Sparse(list(sp), _f32(sp.values())) if sp is not None else None,
-                )
-                for i, (c, dense, sp) in zip(idx, encoded, strict=True)
-            }
-
-        async def encoder() -> None:
-            last_log = 0.0
-            while True:
-                events = await pools.get()
-                try:
-                    await encode_pool(events)
-                except Exception as exc:
-                    fatal("embedding a pool failed", exc)
-                for event in events:
-                    await stream.ack(event)
-                now = time.perf_counter()
-                if now - last_log >= 2.0 or pools.empty():
-                    # Cumulative; the benchmark reads the model's busy fraction from it.
-                    log.info(
-                        "embed stats: busy_s=%.3f texts=%d tokens=%d",
-                        stats.busy_s,
-                        stats.texts,
-                        stats.tokens,
-                    )
-                    last_log = now
-
-        task = asyncio.create_task(encoder())
-        try:
-            pool = settings.embed_max_batch * 4
-            async for events in stream.noack_take(pool, within=settings.embed_gather_s):
-                await pools.put(list(events))
-        finally:
-            task.cancel()
+        await EmbedStage(settings, embedder, vectors, dlq, stats).run(stream)
 
     app.embed_stats = stats  # type: ignore[attr-defined]
 
 
-def _f32(values: object) -> object:
-    import numpy as np
-
-    return np.fromiter(values, dtype=np.float32)  # type: ignore[arg-type]
+def _f32(values: Iterable[float]) -> np.ndarray:
+    return np.fromiter(values, dtype=np.float32)
