@@ -3,27 +3,27 @@
 Each URL becomes a task (fetch, extract, chunk, produce); tasks run concurrently, but a
 URL's event is acked only after its chunks (or its dead letter) were acknowledged by the
 broker, and events are acked in offset order, so a committed offset never passes a page
-still in flight. Two requests for the same page run one after the other, so its chunks
-reach ``chunks`` in request order.
+still in flight (:class:`agents.checkpoint.InOrder`). Two requests for the same page run
+one after the other, so its chunks reach ``chunks`` in request order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 
 import faust
 from faust.types import EventT
 
 from agents.app import dlq_topic, topic
-from agents.checkpoint import delivered, fatal
+from agents.checkpoint import Checkpoint, InOrder, delivered
 from agents.common import (
     LIMITS,
     Outcome,
-    TooLarge,
     check_size,
     dead_letter,
     header_int,
@@ -37,9 +37,15 @@ from agents.fetcher import Fetcher
 from agents.retry import RetryForwarder
 from streams.chunking import Chunker
 from streams.documents import DocState, page_version, plan_update, trim
-from streams.errors import DecodeError, ExtractUnavailable, FetchFailed, PageRefused
+from streams.errors import (
+    DecodeError,
+    ExtractUnavailable,
+    FetchFailed,
+    PageRefused,
+    TooLarge,
+)
 from streams.ids import normalize_url
-from streams.messages import decode_url, encode_chunk
+from streams.messages import Chunk, UrlRequest, decode_url, encode_chunk
 from streams.model import resolve_model_path
 from streams.retry import (
     HOPS,
@@ -57,7 +63,230 @@ log = logging.getLogger(__name__)
 STAGE = "fetch"
 
 
+class FetchStage:
+    """The fetch stage's logic, without Faust: ``urls`` events -> chunk messages.
+
+    Collaborators come in: ``fetcher`` (a :class:`Fetcher`: ``fetch``), ``extractor`` (an
+    :class:`ExtractPool`: ``page_chunks``), ``docs`` (the pages' :class:`DocStates`), the
+    topics ``chunks``, ``dlq`` (dead letters of ``urls``), ``state_log`` (where ``docs`` is
+    kept) and ``retry_out`` (the delay topic of each delayed retry, by its number).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        fetcher: Fetcher,
+        extractor: ExtractPool,
+        docs: DocStates,
+        chunks: faust.TopicT,
+        dlq: faust.TopicT,
+        state_log: faust.TopicT,
+        retry_out: Mapping[int, faust.TopicT],
+    ) -> None:
+        self.settings = settings
+        self.fetcher = fetcher
+        self.extractor = extractor
+        self.docs = docs
+        self.chunks = chunks
+        self.dlq = dlq
+        self.state_log = state_log
+        self.retry_out = retry_out
+        self.delays = retry_delays(settings)
+
+    async def run(self, stream: faust.StreamT) -> None:
+        """Handle up to ``fetch_concurrency`` pages at once; ack them in offset order, each
+        once its chunks (or dead letter) are delivered. Two requests for one page (one
+        key) run one after the other, so its chunks reach ``chunks`` in request order."""
+        concurrency = self.settings.fetch_concurrency
+        running: dict[str, asyncio.Task] = {}
+        gate = asyncio.Semaphore(concurrency)
+        s = stream.noack()
+        checkpoint = Checkpoint(s.ack, "fetching a page")
+        async with InOrder(checkpoint, in_flight=concurrency * 4) as pages:
+            async for event in s.events():
+                key = (event.message.key or b"").decode("utf-8", "replace")
+                task = asyncio.create_task(self._after(running.get(key), gate, event))
+                running[key] = task
+                task.add_done_callback(functools.partial(_forget, running, key))
+                await pages.add([event], task)
+
+    async def _after(
+        self, before: asyncio.Task | None, gate: asyncio.Semaphore, event: EventT
+    ) -> None:
+        if before is not None:
+            await asyncio.wait([before])
+        async with gate:
+            await self.handle(event)
+
+    async def handle(self, event: EventT) -> None:
+        """One ``urls`` event; returns once its outcome (chunk messages, a delayed retry or
+        a dead letter, then the page's new state) is delivered."""
+        docs, dlq, chunks = self.docs, self.dlq, self.chunks
+        headers = event.message.headers
+        hops, retries = header_int(headers, HOPS), header_int(headers, RETRIES)
+        try:
+            req = decode_url(event.message.value)
+            url = normalize_url(req.url)
+        except (DecodeError, ValueError) as exc:
+            cls = getattr(exc, "error_class", "schema")
+            await delivered([await dead_letter(dlq, STAGE, event, cls, str(exc))])
+            return
+        outcome = Outcome(dlq, STAGE, event, url)
+        sent: list[Awaitable] = []
+        await docs.ready()
+        known = docs.get(url)
+        if retries and known is not None and superseded(req.requested_at, known.requested_at):
+            log.info(
+                "%s: delayed retry %d (requested %s) superseded by a request of %s",
+                url,
+                retries,
+                req.requested_at,
+                known.requested_at,
+            )
+            return
+        handled_at = newest(known.requested_at if known else None, req.requested_at)
+        # The page's version: the writer never lets an older one replace a newer one.
+        # Above the one the state remembers, whatever this worker's clock says.
+        version = page_version(
+            event.message.offset,
+            event.message.timestamp,
+            after=known.version if known is not None else None,
+        )
+        try:
+            out, state, no_text = await self._update(req, url, known, handled_at, version)
+        except FetchFailed as exc:
+            sent.append(await self._retry_or_give_up(event, url, exc, hops, retries, outcome))
+            out, state, no_text = [], None, False
+        except PageRefused as exc:  # not text, or over a bound: streams/extract.py
+            sent.append(await dead_letter(dlq, STAGE, event, exc.error_class, str(exc), 1, url))
+            out, state, no_text = [], None, False
+        except ExtractUnavailable:
+            raise  # no extraction process starts: the stage is broken, not the page
+        except Exception as exc:  # a page that breaks extraction or chunking: a poison
+            log.exception("cannot process %s", url)  # message must not stop the stage
+            sent.append(await dead_letter(dlq, STAGE, event, "extract", repr(exc), 1, url))
+            out, state, no_text = [], None, False
+        # Every message is checked before any is sent: a page with one chunk message the
+        # broker can never take is a dead letter as a whole, not half an update.
+        carry = hop_headers(hops)
+        out = [dataclasses.replace(c, version=version) for c in out]
+        encoded = [(c.key(), encode_chunk(c)) for c in out]
+        try:
+            for key, value in encoded:
+                await check_size(chunks, key, value, carry, "chunk message")
+        except TooLarge as exc:
+            sent.append(await outcome.dead_letter(exc.error_class, str(exc)))
+            encoded, state = [], None
+        for key, value in encoded:
+            sent.append(
+                await produce(chunks, key, value, outcome, headers=carry, what="chunk message")
+            )
+        if no_text and encoded:
+            # After the trim (an emptied page loses its old chunks), made visible.
+            sent.append(
+                await dead_letter(
+                    dlq, STAGE, event, "no_text", "the page has no text to index", 1, url
+                )
+            )
+        await delivered(sent)
+        log.info("%s: %d chunk messages (offset %d)", url, len(encoded), event.message.offset)
+        # Remember the page only once its chunks are on the broker: a crash before this
+        # line re-fetches and re-sends (harmless: same ids), never skips.
+        if outcome.letter is None and state is not None and state != known:
+            await self._remember(event.message.partition, url, state)
+
+    async def _update(
+        self,
+        req: UrlRequest,
+        url: str,
+        known: DocState | None,
+        handled_at: str | None,
+        version: int,
+    ) -> tuple[list[Chunk], DocState | None, bool]:
+        """What the request does to the page: its chunk messages, the page's new state
+        (``None``: leave it as it is) and whether the page has no text (sent as a trim to
+        0, then dead-lettered). Raises what fetching or extracting the page raises."""
+        prev = None if req.force else known
+        # A page deleted or gone keeps an empty state: it remembers the request time.
+        gone_state = DocState(doc_hash="", hashes=(), requested_at=handled_at, version=version)
+        if req.delete:
+            return [trim(url, 0)], gone_state, False
+        page = await self.fetcher.fetch(
+            url,
+            etag=prev.etag if prev else None,
+            last_modified=prev.last_modified if prev else None,
+        )
+        if page.not_modified:
+            keep = dataclasses.replace(prev, requested_at=handled_at) if prev else None
+            return [], keep, False
+        if page.gone:
+            log.info("gone (HTTP %d): %s", page.status, url)
+            return [trim(url, 0)], gone_state, False
+        new = await self.extractor.page_chunks(url, page.body, page.content_type)
+        state = DocState(
+            doc_hash=new[0].doc_hash if new else "",
+            hashes=tuple(c.text_hash or "" for c in new),
+            etag=page.etag,
+            last_modified=page.last_modified,
+            requested_at=handled_at,
+            version=version,
+        )
+        return plan_update(url, new, prev, req.force), state, not new
+
+    async def _retry_or_give_up(
+        self,
+        event: EventT,
+        url: str,
+        exc: FetchFailed,
+        hops: int,
+        retries: int,
+        outcome: Outcome,
+    ) -> Awaitable:
+        """A delayed retry of a transient failure while retries are left, else a dead
+        letter; returns its delivery future."""
+        retry = (
+            next_retry(retries, self.delays, int(time.time() * 1000)) if is_transient(exc) else None
+        )
+        if retry is None:
+            note = f" (after {retries} delayed retries)" if retries else ""
+            return await dead_letter(
+                self.dlq, STAGE, event, exc.error_class, f"{exc}{note}", exc.attempts, url
+            )
+        log.info("%s: %s; delayed retry %d in %gs", url, exc, retry.n, retry.delay_s)
+        later = [
+            *(hop_headers(hops) or ()),
+            (RETRIES, str(retry.n).encode()),
+            (NOT_BEFORE, str(retry.not_before_ms).encode()),
+        ]
+        return await produce(
+            self.retry_out[retry.n],
+            event.message.key,
+            event.message.value,
+            outcome,
+            headers=later,
+            what="delayed request",
+        )
+
+    async def _remember(self, partition: int, url: str, state: DocState) -> None:
+        """Record the page's state here and on its compacted topic (same partition)."""
+        state = state.capped()
+        self.docs.record(partition, url, state)
+        key = url.encode()
+        room = await LIMITS.of(self.state_log) - record_size(key, b"")
+        value = self.docs.encode(state, room)
+        await delivered([await self.state_log.send(key=key, value=value, partition=partition)])
+
+
+def _forget(running: dict[str, asyncio.Task], key: str, task: asyncio.Task) -> None:
+    """A page's task is done: the next request for it need not wait (unless newer)."""
+    if running.get(key) is task:
+        del running[key]
+
+
 def register(app: faust.App, settings: Settings) -> None:
+    """Wire the fetch stage into ``app``: its agent on ``urls``, the delayed-retry
+    forwarder, and the rebalance signal that loads the pages' states."""
     urls = topic(app, settings, URLS)
     chunks = topic(app, settings, CHUNKS)
     dlq = dlq_topic(app, settings, URLS)
@@ -92,183 +321,18 @@ def register(app: faust.App, settings: Settings) -> None:
         extractor = ExtractPool(settings, chunker)
         await extractor.start()
         fetcher = Fetcher(settings)
-        in_order: asyncio.Queue[tuple[EventT, asyncio.Task]] = asyncio.Queue(
-            maxsize=settings.fetch_concurrency * 4
+        stage = FetchStage(
+            settings,
+            fetcher=fetcher,
+            extractor=extractor,
+            docs=docs,
+            chunks=chunks,
+            dlq=dlq,
+            state_log=state_log,
+            retry_out=retry_out,
         )
-        running: dict[str, asyncio.Task] = {}
-        gate = asyncio.Semaphore(settings.fetch_concurrency)
-        s = stream.noack()
-
-        async def process(event: EventT, before: asyncio.Task | None) -> None:
-            if before is not None:
-                await asyncio.wait([before])
-            async with gate:
-                await handle(event)
-
-        async def handle(event: EventT) -> None:
-            headers = event.message.headers
-            hops, retries = header_int(headers, HOPS), header_int(headers, RETRIES)
-            try:
-                req = decode_url(event.message.value)
-                url = normalize_url(req.url)
-            except (DecodeError, ValueError) as exc:
-                cls = getattr(exc, "error_class", "schema")
-                await delivered([await dead_letter(dlq, STAGE, event, cls, str(exc))])
-                return
-            outcome = Outcome(dlq, STAGE, event, url)
-            sent: list[Awaitable] = []
-            await docs.ready()
-            known = docs.get(url)
-            if retries and known is not None and superseded(req.requested_at, known.requested_at):
-                log.info(
-                    "%s: delayed retry %d (requested %s) superseded by a request of %s",
-                    url,
-                    retries,
-                    req.requested_at,
-                    known.requested_at,
-                )
-                return
-            prev = None if req.force else known
-            handled_at = newest(known.requested_at if known else None, req.requested_at)
-            # The page's version: the writer never lets an older one replace a newer one.
-            # Above the one the state remembers, whatever this worker's clock says.
-            version = page_version(
-                event.message.offset,
-                event.message.timestamp,
-                after=known.version if known is not None else None,
-            )
-            # A page deleted or gone keeps an empty state: it remembers the request time.
-            gone_state = DocState(doc_hash="", hashes=(), requested_at=handled_at, version=version)
-            state: DocState | None = None  # stays None unless the request was handled
-            no_text = False
-            try:
-                if req.delete:
-                    out, state = [trim(url, 0)], gone_state
-                else:
-                    page = await fetcher.fetch(
-                        url,
-                        etag=prev.etag if prev else None,
-                        last_modified=prev.last_modified if prev else None,
-                    )
-                    if page.not_modified:
-                        out = []
-                        if prev is not None:
-                            state = dataclasses.replace(prev, requested_at=handled_at)
-                    elif page.gone:
-                        log.info("gone (HTTP %d): %s", page.status, url)
-                        out, state = [trim(url, 0)], gone_state
-                    else:
-                        new = await extractor.page_chunks(url, page.body, page.content_type)
-                        out = plan_update(url, new, prev, req.force)
-                        no_text = not new  # sent as a trim to 0, then dead-lettered
-                        state = DocState(
-                            doc_hash=new[0].doc_hash if new else "",
-                            hashes=tuple(c.text_hash or "" for c in new),
-                            etag=page.etag,
-                            last_modified=page.last_modified,
-                            requested_at=handled_at,
-                            version=version,
-                        )
-            except FetchFailed as exc:
-                out = []
-                retry = (
-                    next_retry(retries, delays, int(time.time() * 1000))
-                    if is_transient(exc)
-                    else None
-                )
-                if retry is not None:
-                    log.info("%s: %s; delayed retry %d in %gs", url, exc, retry.n, retry.delay_s)
-                    later = [
-                        *(hop_headers(hops) or ()),
-                        (RETRIES, str(retry.n).encode()),
-                        (NOT_BEFORE, str(retry.not_before_ms).encode()),
-                    ]
-                    sent.append(
-                        await produce(
-                            retry_out[retry.n],
-                            event.message.key,
-                            event.message.value,
-                            outcome,
-                            headers=later,
-                            what="delayed request",
-                        )
-                    )
-                else:
-                    note = f" (after {retries} delayed retries)" if retries else ""
-                    sent.append(
-                        await dead_letter(
-                            dlq, STAGE, event, exc.error_class, f"{exc}{note}", exc.attempts, url
-                        )
-                    )
-            except PageRefused as exc:  # not text, or over a bound: streams/extract.py
-                sent.append(await dead_letter(dlq, STAGE, event, exc.error_class, str(exc), 1, url))
-                out = []
-            except ExtractUnavailable:
-                raise  # no extraction process starts: the stage is broken, not the page
-            except Exception as exc:  # a page that breaks extraction or chunking: a poison
-                log.exception("cannot process %s", url)  # message must not stop the stage
-                sent.append(await dead_letter(dlq, STAGE, event, "extract", repr(exc), 1, url))
-                out = []
-            # Every message is checked before any is sent: a page with one chunk message the
-            # broker can never take is a dead letter as a whole, not half an update.
-            carry = hop_headers(hops)
-            out = [dataclasses.replace(c, version=version) for c in out]
-            encoded = [(c.key(), encode_chunk(c)) for c in out]
-            try:
-                for key, value in encoded:
-                    await check_size(chunks, key, value, carry, "chunk message")
-            except TooLarge as exc:
-                sent.append(await outcome.dead_letter(exc.error_class, str(exc)))
-                encoded, state = [], None
-            for key, value in encoded:
-                sent.append(
-                    await produce(chunks, key, value, outcome, headers=carry, what="chunk message")
-                )
-            if no_text and encoded:
-                # After the trim (an emptied page loses its old chunks), made visible.
-                sent.append(
-                    await dead_letter(
-                        dlq, STAGE, event, "no_text", "the page has no text to index", 1, url
-                    )
-                )
-            await delivered(sent)
-            log.info("%s: %d chunk messages (offset %d)", url, len(encoded), event.message.offset)
-            # Remember the page only once its chunks are on the broker: a crash before this
-            # line re-fetches and re-sends (harmless: same ids), never skips.
-            if outcome.letter is None and state is not None and state != known:
-                partition = event.message.partition
-                state = state.capped()
-                docs.record(partition, url, state)
-                key = url.encode()
-                room = await LIMITS.of(state_log) - record_size(key, b"")
-                await delivered(
-                    [
-                        await state_log.send(
-                            key=key, value=docs.encode(state, room), partition=partition
-                        )
-                    ]
-                )
-
-        async def acker() -> None:
-            while True:
-                event, task = await in_order.get()
-                try:
-                    await task
-                except Exception as exc:  # Kafka refused our output: do not skip the page
-                    fatal(f"fetch of offset {event.message.offset} failed", exc)
-                await s.ack(event)
-
-        ack_task = asyncio.create_task(acker())
         try:
-            async for event in s.events():
-                key = (event.message.key or b"").decode("utf-8", "replace")
-                task = asyncio.create_task(process(event, running.get(key)))
-                running[key] = task
-                task.add_done_callback(
-                    lambda t, k=key: running.pop(k, None) if running.get(k) is t else None
-                )
-                await in_order.put((event, task))
+            await stage.run(stream)
         finally:
-            ack_task.cancel()
             await fetcher.aclose()
             await extractor.aclose()

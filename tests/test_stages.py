@@ -11,25 +11,38 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from aiokafka.errors import KafkaTimeoutError
 
 import agents.checkpoint as checkpoint
 from agents.checkpoint import Checkpoint, InOrder
 from agents.common import LIMITS
+from agents.embed import EmbedStage
+from agents.fetch import FetchStage
+from agents.fetcher import Page
 from agents.write import WindowWriter
+from streams.documents import DocState
+from streams.embedder import Encoded
+from streams.errors import FetchFailed
 from streams.ids import doc_id, text_hash
 from streams.messages import (
     Chunk,
+    UrlRequest,
     Vector,
+    decode_chunk,
     decode_dead_letter,
+    decode_vector,
+    encode_chunk,
+    encode_url,
     encode_vector,
 )
+from streams.retry import RETRIES
 from streams.settings import Settings
 from streams.store import WriteResult
 
@@ -153,6 +166,14 @@ def run(coro: Awaitable[Any]) -> Any:
         return await asyncio.wait_for(coro, 10)
 
     return asyncio.run(go())
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
 
 
 # --- the checkpoint -------------------------------------------------------------------------
@@ -297,3 +318,286 @@ def test_writer_exits_when_a_dead_letter_is_not_delivered(
     with pytest.raises(Fatal):
         run(WindowWriter(settings, store, dlq).run(stream))
     assert stream.acked == [] and len(dlq.sent) == 1
+
+
+# --- the embed stage ------------------------------------------------------------------------
+
+
+class Embedder:
+    """A model that reads one token per word and refuses any text with the word "poison"."""
+
+    name, dim, n_special = "fake", 4, 2
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [[101, *(666 if w == "poison" else 7 for w in t.split()), 102] for t in texts]
+
+    def encode_ids(self, ids: Sequence[list[int]]) -> Encoded:
+        self.calls.append(len(ids))
+        if any(666 in x for x in ids):
+            raise RuntimeError("the model chokes on this text")
+        dense = np.asarray([[1.0, 0.0, 0.0, float(len(x))] for x in ids], "f4")
+        return Encoded(dense=dense, sparse=None)
+
+
+def test_embed_dead_letters_an_undecodable_chunk_and_embeds_the_rest(settings: Settings) -> None:
+    vectors, dlq = Topic("unit.vectors"), Topic("unit.chunks.dlq")
+    trim = Chunk(
+        op="delete",
+        doc_id=doc_id("https://site.test/gone"),
+        url="https://site.test/gone",
+        chunk_count=0,
+    )
+    values = [
+        encode_chunk(make_chunk(0, "one two three")),
+        b'{"v": 1, "op": "upsert"}',
+        encode_chunk(make_chunk(2, "poison here")),
+        encode_chunk(make_chunk(3, "   ")),  # no word: nothing the model can read
+        encode_chunk(make_chunk(4, "four")),
+        encode_chunk(trim),
+    ]
+    stage = EmbedStage(settings, Embedder(), vectors, dlq)
+    run(stage.encode_pool(events_of(values, topic="chunks")))
+    out = [decode_vector(v) for v in vectors.values()]
+    assert [v.chunk.url[-4:] for v in out] == ["doc0", "doc4", "gone"]  # in offset order
+    assert out[0].dense is not None and out[0].dense[3] == 5.0 and out[0].model == "fake"
+    assert out[2].dense is None  # a trim passes through without the model
+    letters = sorted(dlq.letters(), key=lambda d: d.offset)
+    assert [(d.offset, d.error_class) for d in letters] == [
+        (1, "schema"),
+        (2, "embed"),
+        (3, "embed"),
+    ]
+    assert letters[0].value == values[1] and letters[0].stage == "embed"
+    assert stage.stats.texts == 2
+
+
+def test_embed_acks_a_pool_once_its_vectors_are_delivered(settings: Settings) -> None:
+    vectors = Topic("unit.vectors", hold=True)
+    pool = events_of([encode_chunk(make_chunk(i)) for i in range(3)], topic="chunks")
+    stream = Stream([pool], linger_s=0.3)
+    stage = EmbedStage(settings, Embedder(), vectors, Topic("unit.chunks.dlq"))
+
+    async def go() -> None:
+        running = asyncio.create_task(stage.run(stream))
+        await until(lambda: len(vectors.sent) == 3)
+        await asyncio.sleep(0.05)
+        assert stream.acked == []  # produced, not yet acknowledged by the broker
+        for i in range(3):
+            vectors.deliver(i)
+        await running
+        assert stream.acked == [0, 1, 2]
+
+    run(go())
+
+
+def test_embed_exits_when_its_vectors_are_not_delivered(
+    settings: Settings, fatal: list[str]
+) -> None:
+    pool = events_of([encode_chunk(make_chunk(i)) for i in range(2)], topic="chunks")
+    stream = Stream([pool], linger_s=0.3)
+    stage = EmbedStage(
+        settings, Embedder(), Topic("unit.vectors", fail=True), Topic("unit.chunks.dlq")
+    )
+    run(stage.run(stream))
+    assert stream.acked == [] and fatal and fatal[0].startswith("embedding a pool failed")
+
+
+# --- the fetch stage ------------------------------------------------------------------------
+
+PAGE = b"first paragraph\n\nsecond paragraph\n\nthird paragraph"
+
+
+class Fetcher:
+    """Pages by URL (a :class:`Page`, or an exception to raise); a URL with a gate waits
+    for it, so a test decides which page finishes first."""
+
+    def __init__(self, pages: dict[str, Page | Exception]) -> None:
+        self.pages = pages
+        self.gates: dict[str, asyncio.Event] = {}
+        self.asked: list[tuple[str, str | None]] = []
+
+    async def fetch(
+        self, url: str, etag: str | None = None, last_modified: str | None = None
+    ) -> Page:
+        self.asked.append((url, etag))
+        if url in self.gates:
+            await self.gates[url].wait()
+        page = self.pages[url]
+        if isinstance(page, Exception):
+            raise page
+        return page
+
+
+class Extractor:
+    """One chunk per paragraph (the real one chunks by the model's tokens)."""
+
+    async def page_chunks(self, url: str, body: bytes, content_type: str | None) -> list[Chunk]:
+        text = body.decode()
+        parts = [p for p in text.split("\n\n") if p.strip()]
+        return [
+            Chunk(
+                op="upsert",
+                doc_id=doc_id(url),
+                url=url,
+                chunk_count=len(parts),
+                chunk_index=i,
+                text=p,
+                text_hash=text_hash(p),
+                doc_hash=text_hash(text),
+            )
+            for i, p in enumerate(parts)
+        ]
+
+
+class Docs:
+    """The pages' states, in memory (the real one is loaded from a compacted topic)."""
+
+    def __init__(self, states: dict[str, DocState] | None = None) -> None:
+        self.states = dict(states or {})
+
+    async def ready(self) -> None:
+        return None
+
+    def get(self, url: str) -> DocState | None:
+        return self.states.get(url)
+
+    def record(self, partition: int, url: str, state: DocState | None) -> None:
+        if state is not None:
+            self.states[url] = state
+
+    def encode(self, state: DocState | None, max_bytes: int | None = None) -> bytes | None:
+        return orjson.dumps(state.to_json()) if state is not None else None
+
+
+@dataclasses.dataclass
+class FetchRig:
+    stage: FetchStage
+    fetcher: Fetcher
+    docs: Docs
+    chunks: Topic
+    dlq: Topic
+    state_log: Topic
+    retry: Topic
+
+
+def fetch_rig(
+    settings: Settings,
+    pages: dict[str, Page | Exception],
+    states: dict[str, DocState] | None = None,
+    hold: bool = False,
+) -> FetchRig:
+    fetcher, docs = Fetcher(pages), Docs(states)
+    chunks, dlq = Topic("unit.chunks", hold=hold), Topic("unit.urls.dlq")
+    state_log, retry = Topic("unit.urls.state"), Topic("unit.urls.retry.1")
+    stage = FetchStage(
+        settings,
+        fetcher=fetcher,
+        extractor=Extractor(),
+        docs=docs,
+        chunks=chunks,
+        dlq=dlq,
+        state_log=state_log,
+        retry_out={1: retry},
+    )
+    return FetchRig(stage, fetcher, docs, chunks, dlq, state_log, retry)
+
+
+def url_events(
+    urls: Sequence[str | bytes], requested_at: str = "2026-01-01T00:00:00Z"
+) -> list[Event]:
+    values = [
+        u if isinstance(u, bytes) else encode_url(UrlRequest(url=u, requested_at=requested_at))
+        for u in urls
+    ]
+    keys = [u if isinstance(u, bytes) else UrlRequest(url=u).key() for u in urls]
+    return events_of(values, topic="urls", keys=keys)
+
+
+def page(url: str, body: bytes = PAGE, status: int = 200) -> Page:
+    return Page(url=url, status=status, body=body, content_type="text/plain", etag='"v1"')
+
+
+A, B = "https://site.test/a", "https://site.test/b"
+
+
+def test_fetch_dead_letters_a_bad_request(settings: Settings) -> None:
+    rig = fetch_rig(settings, {})
+    bad = url_events([b"not json", encode_url(UrlRequest(url="ftp://site.test/x"))])
+    for event in bad:
+        run(rig.stage.handle(event))
+    letters = rig.dlq.letters()
+    assert [(d.offset, d.error_class) for d in letters] == [(0, "decode"), (1, "schema")]
+    assert letters[0].value == b"not json" and letters[0].stage == "fetch"
+    assert rig.chunks.sent == [] and rig.fetcher.asked == []
+
+
+def test_fetch_turns_a_page_into_chunk_messages(settings: Settings) -> None:
+    rig = fetch_rig(settings, {A: page(A)})
+    run(rig.stage.handle(url_events([A])[0]))
+    sent = [decode_chunk(v) for v in rig.chunks.values()]
+    assert [c.text for c in sent] == ["first paragraph", "second paragraph", "third paragraph"]
+    assert all(c.version is not None and c.chunk_count == 3 for c in sent)
+    assert rig.chunks.sent[0]["key"] == doc_id(A).encode()
+    state = rig.docs.get(A)  # remembered, here and on the state topic, once sent
+    assert state is not None and state.etag == '"v1"' and len(state.hashes) == 3
+    assert [r["key"] for r in rig.state_log.sent] == [A.encode()]
+    assert rig.dlq.sent == []
+
+
+def test_fetch_sends_no_chunk_for_an_unchanged_page(settings: Settings) -> None:
+    rig = fetch_rig(settings, {A: page(A)})
+    run(rig.stage.handle(url_events([A])[0]))
+    first = len(rig.chunks.sent)
+    run(rig.stage.handle(url_events([A], requested_at="2026-01-02T00:00:00Z")[0]))
+    assert first == 3 and len(rig.chunks.sent) == 3  # same text: nothing to re-embed
+    assert rig.fetcher.asked[-1] == (A, '"v1"')  # asked with the validator it had
+
+
+def test_fetch_sends_nothing_for_a_page_not_modified(settings: Settings) -> None:
+    known = DocState(doc_hash="h", hashes=("x",), etag='"v1"', requested_at="2026-01-01T00:00:00Z")
+    rig = fetch_rig(settings, {A: page(A, b"", status=304)}, states={A: known})
+    run(rig.stage.handle(url_events([A])[0]))
+    assert rig.chunks.sent == [] and rig.dlq.sent == [] and rig.state_log.sent == []
+
+
+def test_fetch_sends_a_transient_failure_to_its_delayed_retry(settings: Settings) -> None:
+    rig = fetch_rig(settings, {A: FetchFailed("http_status", "HTTP 503", 3, transient=True)})
+    run(rig.stage.handle(url_events([A])[0]))
+    assert rig.chunks.sent == [] and rig.dlq.sent == [] and len(rig.retry.sent) == 1
+    assert (RETRIES, b"1") in rig.retry.sent[0]["headers"]
+
+
+def test_fetch_acks_in_offset_order_once_chunks_are_delivered(settings: Settings) -> None:
+    rig = fetch_rig(settings, {A: page(A), B: page(B)}, hold=True)
+    rig.fetcher.gates[A] = asyncio.Event()  # page A (offset 0) is slow
+    stream = Stream(url_events([A, B]), linger_s=1.0)
+
+    async def go() -> None:
+        running = asyncio.create_task(rig.stage.run(stream))
+        await until(lambda: len(rig.chunks.sent) == 3)  # B's chunks, sent
+        for i in range(3):
+            rig.chunks.deliver(i)
+        await asyncio.sleep(0.05)
+        assert stream.acked == []  # B is done, but A, before it, is not
+        rig.fetcher.gates[A].set()
+        await until(lambda: len(rig.chunks.sent) == 6)
+        await asyncio.sleep(0.05)
+        assert stream.acked == []  # A's chunks are sent, not yet delivered
+        for i in range(3, 6):
+            rig.chunks.deliver(i)
+        await running
+        assert stream.acked == [0, 1]
+
+    run(go())
+
+
+def test_fetch_exits_when_chunks_are_not_delivered(settings: Settings, fatal: list[str]) -> None:
+    rig = fetch_rig(settings, {A: page(A)})
+    rig.chunks.fail = True
+    stream = Stream(url_events([A]), linger_s=0.3)
+    run(rig.stage.run(stream))
+    assert stream.acked == [] and fatal and fatal[0].startswith("fetching a page failed")
+    assert rig.docs.get(A) is None  # not remembered either: the redelivery fetches it again
