@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import NotRequired, TypedDict
 
 from streams.chunking import Chunker
 from streams.errors import TooManyChunks
@@ -125,6 +126,18 @@ VALIDATOR_MAX_CHARS = 1024
 """Longest ETag / Last-Modified kept; a longer one is dropped (the page is fetched whole)."""
 
 
+class DocStateRecord(TypedDict):
+    """A ``DocState`` as JSON in the page-state topic; the optional keys are absent when unset
+    (records written before they existed lack them too)."""
+
+    doc_hash: str
+    hashes: list[str]
+    etag: str | None
+    last_modified: str | None
+    requested_at: NotRequired[str]
+    version: NotRequired[int]
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class DocState:
     """What the fetch stage remembers of a page: HTTP validators, its chunks' hashes, and
@@ -151,24 +164,30 @@ class DocState:
             ),
         )
 
-    def to_json(self) -> dict[str, object]:
-        out = dataclasses.asdict(self) | {"hashes": list(self.hashes)}
-        for optional in ("requested_at", "version"):
-            if out[optional] is None:
-                del out[optional]
+    def to_json(self) -> DocStateRecord:
+        out = DocStateRecord(
+            doc_hash=self.doc_hash,
+            hashes=list(self.hashes),
+            etag=self.etag,
+            last_modified=self.last_modified,
+        )
+        if self.requested_at is not None:
+            out["requested_at"] = self.requested_at
+        if self.version is not None:
+            out["version"] = self.version
         return out
 
     @classmethod
-    def from_json(cls, obj: dict[str, object] | None) -> DocState | None:
+    def from_json(cls, obj: DocStateRecord | None) -> DocState | None:
         if not obj:
             return None
         return cls(
             doc_hash=str(obj["doc_hash"]),
-            hashes=tuple(obj["hashes"]),  # type: ignore[arg-type]
-            etag=obj.get("etag"),  # type: ignore[arg-type]
-            last_modified=obj.get("last_modified"),  # type: ignore[arg-type]
-            requested_at=obj.get("requested_at"),  # type: ignore[arg-type]
-            version=obj.get("version"),  # type: ignore[arg-type]
+            hashes=tuple(obj["hashes"]),
+            etag=obj.get("etag"),
+            last_modified=obj.get("last_modified"),
+            requested_at=obj.get("requested_at"),
+            version=obj.get("version"),
         )
 
 
