@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import argparse
 import ast
+import asyncio
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+import ops.follow
 import ragstream.cli.status
 from ops.demo import demo_settings, worker_env
+from ops.progress import Snapshot
 from ragstream import cli
 from streams.errors import (
     ConfigError,
@@ -188,3 +191,27 @@ def test_the_demo_hands_its_own_settings_to_the_worker(monkeypatch: pytest.Monke
     env = worker_env(chosen.model_copy(update={"broker": "127.0.0.1:9"}))
     assert env["RAGSTREAM_MODEL"] == MINILM and env["RAGSTREAM_BROKER"] == "127.0.0.1:9"
     assert env["RAGSTREAM_FETCH_ALLOW"] == "10.0.0.0/8,127.0.0.1/32"
+
+
+def test_publish_wait_reports_the_last_snapshot_when_it_times_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``publish --wait --timeout``: the summary shows where the URLs were when time ran
+    out (exit 3), not an exception."""
+    seen = Snapshot(urls=3, fetched=2, chunks=5, embedded=5, vectors=5, written=4, dead={})
+
+    async def times_out(
+        settings: Settings,
+        base: dict[str, int],
+        n: int,
+        on_update: Callable[[Snapshot], None],
+        timeout_s: float,
+    ) -> Snapshot:
+        on_update(seen)
+        raise TimeoutError(f"not indexed after {timeout_s:.0f}s")
+
+    monkeypatch.setattr(ops.follow, "wait_indexed", times_out)
+    updates: list[Snapshot] = []
+    base = ops.follow.Baseline(offsets={}, dead={})
+    got = asyncio.run(ops.follow.follow(Settings(), base, 3, updates.append, timeout_s=1))
+    assert got == (seen, True) and updates == [seen]
