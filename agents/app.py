@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import faust
 
+from streams import kafka
 from streams.settings import Settings
 from streams.topics import STAGES, dlq
 
@@ -21,7 +22,7 @@ def create_app(settings: Settings, stage: str) -> faust.App:
     datadir.mkdir(parents=True, exist_ok=True)
     return faust.App(
         settings.group(stage),
-        broker=f"kafka://{settings.broker}",
+        **kafka.faust_broker(settings),
         store="memory://",
         value_serializer="raw",
         key_serializer="raw",

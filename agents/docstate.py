@@ -17,8 +17,9 @@ import logging
 from collections.abc import Iterable
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
+from streams import kafka
 from streams.documents import DocState
 from streams.settings import Settings
 from streams.topics import URLS, state_topic
@@ -88,11 +89,7 @@ class DocStates:
             self._ready.set()
 
     async def _load(self, partitions: set[int]) -> None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.broker, enable_auto_commit=False, group_id=None
-        )
-        await consumer.start()
-        try:
+        async with kafka.started(kafka.consumer(self.settings), self.settings) as consumer:
             tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
@@ -115,5 +112,3 @@ class DocStates:
                             self._states[url] = (tp.partition, state)
                         loaded += 1
             log.info("page state: read %d records of partitions %s", loaded, sorted(partitions))
-        finally:
-            await consumer.stop()

@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from agents.common import header_int
+from streams import kafka
 from streams.retry import NOT_BEFORE
 from streams.settings import Settings
 from streams.topics import RETRY_GROUP, URLS, retry_topics
@@ -74,28 +75,19 @@ class RetryForwarder:
 
     async def _run(self) -> None:
         s = self.settings
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.broker,
+        consumer = kafka.consumer(
+            s,
             group_id=s.group(RETRY_GROUP),
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
             session_timeout_ms=int(s.session_timeout_s * 1000),
             heartbeat_interval_ms=int(max(s.session_timeout_s / 5, 0.5) * 1000),
         )
-        producer = AIOKafkaProducer(
-            bootstrap_servers=s.broker, acks="all", enable_idempotence=True, linger_ms=5
-        )
-        await consumer.start()
-        try:
-            await producer.start()
-            try:
-                consumer.subscribe(self.topics, listener=_Forget(self.held))
-                while True:
-                    await self._step(consumer, producer)
-            finally:
-                await producer.stop()
-        finally:
-            await consumer.stop()
+        async with (
+            kafka.started(consumer, s) as consumer,
+            kafka.started(kafka.producer(s), s) as producer,
+        ):
+            consumer.subscribe(self.topics, listener=_Forget(self.held))
+            while True:
+                await self._step(consumer, producer)
 
     async def _step(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
         now = now_ms()

@@ -36,13 +36,14 @@ from devtools import kafka_local
 from devtools.corpus import CorpusServer
 from ops.progress import Snapshot, snapshot_raw, wait_indexed
 from ops.publisher import publish
+from streams import kafka
 from streams.chunking import Chunker
 from streams.documents import page_chunks
 from streams.ids import doc_id, normalize_url
 from streams.messages import UrlRequest, decode_vector, encode_url
 from streams.settings import Settings
 from streams.store import MilvusStore
-from streams.topics import URLS, VECTORS, admin, ensure_topics
+from streams.topics import URLS, VECTORS, ensure_topics
 
 WARMUP_PATH = "/__bench_warmup__.txt"
 WARMUP_BODY = (
@@ -447,22 +448,17 @@ async def steady(
 ) -> dict[str, float]:
     """Publish ``urls`` (force: re-embed although unchanged) at ``rate`` pages/s and return
     each one's publish-ack-to-searchable seconds."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-
     tracker = SearchableTracker({doc_id(u): u for u in urls})
     vtopic = settings.topic(VECTORS)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker, enable_auto_commit=False)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.broker, acks="all", enable_idempotence=True, linger_ms=0
-    )
-    client = admin(settings)
+    consumer = kafka.consumer(settings)
+    producer = kafka.producer(settings, linger_ms=0)
+    client = kafka.admin(settings)
     await consumer.start()
     await producer.start()
     await client.start()
     stop = asyncio.Event()
     try:
-        await consumer._client.force_metadata_update()
-        tps = [TopicPartition(vtopic, p) for p in sorted(consumer.partitions_for_topic(vtopic))]
+        tps = await kafka.partitions(client, [vtopic])
         consumer.assign(tps)
         for tp, end in (await consumer.end_offsets(tps)).items():
             consumer.seek(tp, end)
@@ -527,7 +523,7 @@ def _cleanup(settings: Settings, run_dir: Path, keep: bool) -> None:
         return
 
     async def drop_topics() -> None:
-        client = admin(settings)
+        client = kafka.admin(settings)
         await client.start()
         try:
             mine = [

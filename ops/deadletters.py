@@ -40,8 +40,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRecord,
+    OffsetAndMetadata,
+    TopicPartition,
+)
 
+from streams import kafka
 from streams.ids import normalize_url
 from streams.messages import (
     DeadLetter,
@@ -174,18 +181,25 @@ def dlq_topics(
 # --- reading ------------------------------------------------------------------------------
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topics: list[str]) -> list[TopicPartition]:
-    """Every partition of the topics that exist (a missing topic just has no letters).
+async def _partitions(settings: Settings, topics: list[str]) -> list[TopicPartition]:
+    """Every partition of the topics that exist (a missing topic just has no letters, and
+    asking does not create it: :func:`streams.kafka.partitions`)."""
+    async with kafka.started(kafka.admin(settings), settings) as client:
+        return await kafka.partitions(client, topics)
 
-    Asks for the metadata of all topics: naming a missing one in a metadata request would
-    create it on a broker with ``auto.create.topics.enable`` (the local one has it).
-    """
-    cluster = await consumer._client.fetch_all_metadata()  # noqa: SLF001
-    return [
-        TopicPartition(topic, p)
-        for topic in topics
-        for p in sorted(cluster.partitions_for_topic(topic) or ())
-    ]
+
+async def _committed(
+    settings: Settings, group: str, tps: list[TopicPartition]
+) -> dict[TopicPartition, OffsetAndMetadata]:
+    """``group``'s commits (offset and metadata) on ``tps``; waits out a broker whose
+    offsets topic is not ready yet."""
+    async with kafka.started(kafka.admin(settings), settings) as client:
+        return await kafka.retrying(
+            f"reading the offsets of group {group}",
+            lambda: client.list_consumer_group_offsets(group, partitions=tps),
+            deadline_s=IDLE_TIMEOUT_S,
+            broker=settings.broker,
+        )
 
 
 async def _read_range(
@@ -215,14 +229,17 @@ async def _read_range(
             raise TimeoutError(f"no records for {IDLE_TIMEOUT_S:.0f}s while reading {left}")
 
 
-def _reader(settings: Settings, group_id: str | None = None) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
-        bootstrap_servers=settings.broker,
-        group_id=group_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        request_timeout_ms=15000,
-    )
+async def _reader(settings: Settings, group_id: str | None = None) -> AIOKafkaConsumer:
+    """A started consumer of dead letters (the caller stops it); KafkaUnavailable when the
+    broker is away."""
+    consumer = kafka.consumer(settings, group_id=group_id, request_timeout_ms=15000)
+    try:
+        with kafka.translated(settings, "reading dead letters"):
+            await consumer.start()
+    except BaseException:
+        await consumer.stop()
+        raise
+    return consumer
 
 
 async def end_positions(
@@ -230,10 +247,9 @@ async def end_positions(
 ) -> dict[TopicPartition, int]:
     """The end offset of every dead-letter partition now: pass it as ``since`` to
     :func:`iter_entries` later to read only the letters written in between."""
-    consumer = _reader(settings)
-    await consumer.start()
+    consumer = await _reader(settings)
     try:
-        tps = await _partitions(consumer, list(dlq_topics(settings, stages)))
+        tps = await _partitions(settings, list(dlq_topics(settings, stages)))
         return dict(await consumer.end_offsets(tps)) if tps else {}
     finally:
         await consumer.stop()
@@ -251,10 +267,9 @@ async def iter_entries(
     --wait``'s failure summary all read through it (or its ``_read_range``).
     """
     topics = dlq_topics(settings, stages)
-    consumer = _reader(settings)
-    await consumer.start()
+    consumer = await _reader(settings)
     try:
-        tps = await _partitions(consumer, list(topics))
+        tps = await _partitions(settings, list(topics))
         if not tps:
             return
         consumer.assign(tps)
@@ -499,19 +514,14 @@ async def redrive(
     """
     topics = dlq_topics(settings, filters.stages)
     group = settings.group(REDRIVE_GROUP)
-    consumer = _reader(settings, group_id=group)
-    await consumer.start()
+    consumer = await _reader(settings, group_id=group)
     try:
-        tps = await _partitions(consumer, list(topics))
+        tps = await _partitions(settings, list(topics))
         result = RedriveResult(plan=[], dry_run=dry_run)
         if not tps:
             return result
         consumer.assign(tps)
-        # The consumer's coordinator retries while the broker's offsets topic is not ready.
-        committed = await asyncio.wait_for(
-            consumer._coordinator.fetch_committed_offsets(tps),  # noqa: SLF001
-            IDLE_TIMEOUT_S,
-        )
+        committed = await _committed(settings, group, tps)
         starts = await consumer.beginning_offsets(tps)
         ends = await consumer.end_offsets(tps)
         for tp in tps:
@@ -548,7 +558,7 @@ async def redrive(
             result.confirmed = confirm is None or confirm(result)
             if not result.confirmed:
                 return result
-            await _check_targets(consumer, result.targets)
+            await _check_targets(settings, result.targets)
             await _send(settings, consumer, result, batch)
         for part in result.plan:
             # Parked and refused letters are handled: they can never be sent (they stay
@@ -561,9 +571,9 @@ async def redrive(
         await consumer.stop()
 
 
-async def _check_targets(consumer: AIOKafkaConsumer, targets: dict[str, int]) -> None:
-    cluster = await consumer._client.fetch_all_metadata()  # noqa: SLF001
-    missing = [t for t in targets if not cluster.partitions_for_topic(t)]
+async def _check_targets(settings: Settings, targets: dict[str, int]) -> None:
+    found = {tp.topic for tp in await _partitions(settings, list(targets))}
+    missing = [t for t in targets if t not in found]
     if missing:
         raise LookupError(f"target topic(s) do not exist: {', '.join(missing)}; nothing sent")
 
@@ -571,20 +581,10 @@ async def _check_targets(consumer: AIOKafkaConsumer, targets: dict[str, int]) ->
 async def _send(
     settings: Settings, consumer: AIOKafkaConsumer, result: RedriveResult, batch: int
 ) -> None:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.broker,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=5,
-        request_timeout_ms=30000,
-    )
-    await producer.start()
-    try:
+    async with kafka.started(kafka.producer(settings), settings) as producer:
         for part in result.plan:
             if part.send:
                 await _send_partition(settings, producer, consumer, result, part, batch)
-    finally:
-        await producer.stop()
 
 
 async def _send_partition(

@@ -22,7 +22,8 @@ from ops.deadletters import (
     list_letters,
     redrive,
 )
-from streams.errors import KafkaUnavailable, RagstreamError
+from streams import kafka
+from streams.errors import RagstreamError
 from streams.settings import Settings
 from streams.timeparse import parse_time
 from streams.topics import STAGES
@@ -135,15 +136,10 @@ def filters_of(args: argparse.Namespace) -> Filters:
 def _run(settings: Settings, coro: Coroutine[Any, Any, T]) -> T:
     """Run a Kafka coroutine; a missing topic or an unreachable broker is one line."""
     try:
-        return asyncio.run(coro)
+        with kafka.translated(settings):
+            return asyncio.run(coro)
     except LookupError as exc:
         raise RagstreamError(f"Kafka at {settings.broker}: {exc}") from None
-    except (OSError, TimeoutError) as exc:  # until streams/kafka.py translates them
-        raise KafkaUnavailable(f"Kafka at {settings.broker}: {exc}") from None
-    except Exception as exc:
-        if type(exc).__name__ == "KafkaConnectionError":
-            raise KafkaUnavailable(f"cannot reach Kafka at {settings.broker}") from None
-        raise
 
 
 # --- list ---------------------------------------------------------------------------------

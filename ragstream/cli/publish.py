@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from aiokafka.errors import KafkaConnectionError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -24,7 +23,8 @@ from ops.follow import Baseline, Failures, failures_since, follow
 from ops.progress import Snapshot
 from ops.publisher import publish
 from ops.sitemaps import MAX_DEPTH, is_sitemap_ref, read_sitemaps
-from streams.errors import KafkaUnavailable, RagstreamError
+from streams import kafka
+from streams.errors import RagstreamError
 from streams.ids import normalize_url
 from streams.messages import UrlRequest
 from streams.settings import Settings
@@ -247,7 +247,5 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
         )
     if bad:
         status = 1
-    try:
+    with kafka.translated(settings):
         return max(asyncio.run(run(settings, urls, args, console)), status)
-    except (OSError, KafkaConnectionError) as exc:  # until streams/kafka.py translates it
-        raise KafkaUnavailable(f"cannot reach Kafka at {settings.broker}: {exc}") from None

@@ -13,8 +13,6 @@ import logging
 import sys
 from typing import Any
 
-from aiokafka.errors import KafkaConnectionError
-
 from ops.replay import (
     Plan,
     Target,
@@ -24,7 +22,8 @@ from ops.replay import (
     parse_datetime,
     read_plan,
 )
-from streams.errors import KafkaUnavailable, RagstreamError
+from streams import kafka
+from streams.errors import RagstreamError
 from streams.settings import Settings
 from streams.topics import STAGES
 
@@ -106,11 +105,9 @@ def confirm(plan: Plan) -> bool:
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     target = target_of(args)
-    try:
+    with kafka.translated(settings):
         plan = asyncio.run(read_plan(settings, args.stage, target, args.partition))
         info = asyncio.run(describe_group(settings, plan.group))
-    except (OSError, TimeoutError, KafkaConnectionError) as exc:  # until streams/kafka.py does
-        raise KafkaUnavailable(f"cannot reach Kafka at {settings.broker}: {exc}") from None
     for line in format_plan(plan):
         print(line)
     if args.dry_run:

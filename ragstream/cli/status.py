@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 from ops.status import pipeline_status
-from streams.errors import KafkaUnavailable
+from streams import kafka
 from streams.settings import Settings
 
 
@@ -19,14 +19,8 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    try:
+    with kafka.translated(settings):
         status = asyncio.run(pipeline_status(settings))
-    except (OSError, TimeoutError) as exc:  # until streams/kafka.py translates them
-        raise KafkaUnavailable(f"cannot reach Kafka at {settings.broker}: {exc!r}") from None
-    except Exception as exc:
-        if type(exc).__name__ == "KafkaConnectionError":
-            raise KafkaUnavailable(f"cannot reach Kafka at {settings.broker}") from None
-        raise
     print(f"{'stage':<7} {'topic':<20} {'messages':>9} {'done':>9} {'lag':>7}  group")
     for lag in status.lags:
         print(
