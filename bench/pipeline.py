@@ -23,7 +23,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -33,7 +32,7 @@ from bench.latency import SearchableTracker
 from bench.report import MODEL_LOADED, busy_from_log, device_from_log, stage_of
 from bench.runs import Workload
 from devtools import kafka_local
-from devtools.corpus import CorpusServer
+from devtools.corpus import CorpusHandler, CorpusServer
 from ops.progress import Snapshot, snapshot_raw, wait_indexed
 from ops.publisher import publish
 from streams import kafka
@@ -53,12 +52,12 @@ WARMUP_BODY = (
 )
 
 
-def warmup_hook(handler: BaseHTTPRequestHandler) -> bool:
+def warmup_hook(handler: CorpusHandler) -> bool:
     """``CorpusServer`` hook: serves the warm-up page, a URL outside the corpus, so the
     warm-up never touches a measured page (even with ``--full``)."""
     if urlsplit(handler.path).path != WARMUP_PATH:
         return False
-    handler._send(200, WARMUP_BODY, "text/plain; charset=utf-8")  # type: ignore[attr-defined]
+    handler.reply(200, WARMUP_BODY, "text/plain; charset=utf-8")
     return True
 
 

@@ -109,15 +109,40 @@ def _fresh(
     return False
 
 
+class CorpusHandler(BaseHTTPRequestHandler):
+    """The request a ``CorpusServer`` hook receives; ``reply`` answers it in one call."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def reply(
+        self, status: int, body: bytes, ctype: str | None, headers: dict[str, str] | None = None
+    ) -> None:
+        self.send_response(status)
+        if ctype:
+            self.send_header("Content-Type", ctype)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if body:
+            self.wfile.write(body)
+
+
 class CorpusServer:
-    """Serves ``root`` over HTTP on 127.0.0.1 with ``latency_s`` per request, in a thread."""
+    """Serves ``root`` over HTTP on 127.0.0.1 with ``latency_s`` per request, in a thread.
+
+    ``hook`` sees every request first and returns True when it has answered it (tests make
+    pages fail, stall or change with it)."""
 
     def __init__(
         self,
         root: Path,
         latency_s: float = 0.0,
         port: int = 0,
-        hook: Callable[[BaseHTTPRequestHandler], bool] | None = None,
+        hook: Callable[[CorpusHandler], bool] | None = None,
     ) -> None:
         self.root = root.resolve()
         self.latency_s = latency_s
@@ -126,12 +151,7 @@ class CorpusServer:
         self.not_modified = 0
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
+        class Handler(CorpusHandler):
             def do_GET(self) -> None:
                 server.requests += 1
                 if server.latency_s:
@@ -140,7 +160,7 @@ class CorpusServer:
                     return
                 path = (server.root / unquote(urlsplit(self.path).path).lstrip("/")).resolve()
                 if server.root not in path.parents or not path.is_file():
-                    self._send(404, b"not found", "text/plain")
+                    self.reply(404, b"not found", "text/plain")
                     return
                 body = path.read_bytes()
                 etag = '"' + hashlib.blake2b(body, digest_size=8).hexdigest() + '"'
@@ -152,27 +172,10 @@ class CorpusServer:
                     path.stat().st_mtime,
                 ):
                     server.not_modified += 1
-                    self._send(304, b"", None, {"ETag": etag, "Last-Modified": mtime})
+                    self.reply(304, b"", None, {"ETag": etag, "Last-Modified": mtime})
                     return
                 ctype = _content_type(path)
-                self._send(200, body, ctype, {"ETag": etag, "Last-Modified": mtime})
-
-            def _send(
-                self,
-                status: int,
-                body: bytes,
-                ctype: str | None,
-                headers: dict[str, str] | None = None,
-            ) -> None:
-                self.send_response(status)
-                if ctype:
-                    self.send_header("Content-Type", ctype)
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if body:
-                    self.wfile.write(body)
+                self.reply(200, body, ctype, {"ETag": etag, "Last-Modified": mtime})
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True

@@ -93,10 +93,15 @@ def parse_sitemap(data: bytes, source: str = "sitemap") -> Sitemap:
         head = data[:200].lstrip().lower()
         what = "an HTML page" if head.startswith((b"<!doctype html", b"<html")) else "not XML"
         raise SitemapError(f"{source}: not a sitemap: {what} ({exc})") from None
-    kind = _local(root.tag)
-    if kind not in ("urlset", "sitemapindex"):
+    root_name = _local(root.tag)
+    kind: Kind
+    if root_name == "urlset":
+        kind = "urlset"
+    elif root_name == "sitemapindex":
+        kind = "sitemapindex"
+    else:
         raise SitemapError(
-            f"{source}: not a sitemap: the root element is <{kind}>, "
+            f"{source}: not a sitemap: the root element is <{root_name}>, "
             "expected <urlset> or <sitemapindex>"
         )
     entry = "url" if kind == "urlset" else "sitemap"
@@ -108,7 +113,7 @@ def parse_sitemap(data: bytes, source: str = "sitemap") -> Sitemap:
             if _local(child.tag) == "loc" and child.text and child.text.strip():
                 locs.append(child.text.strip())
                 break
-    return Sitemap(kind, tuple(locs))  # type: ignore[arg-type]
+    return Sitemap(kind, tuple(locs))
 
 
 def _is_http(ref: str) -> bool:

@@ -237,7 +237,7 @@ def test_publish_a_sitemap_and_wait(settings: Settings, tmp_path: Path, chunker)
 
     def always_500(handler) -> bool:
         if handler.path == "/broken.txt":
-            handler._send(500, b"boom", "text/plain")
+            handler.reply(500, b"boom", "text/plain")
             return True
         return False
 

@@ -111,7 +111,7 @@ def test_a_letter_that_keeps_failing_is_parked_after_n_redrives(
     site.mkdir()
 
     def forbid(h) -> bool:
-        h._send(403, b"no", "text/plain")
+        h.reply(403, b"no", "text/plain")
         return True
 
     with CorpusServer(site, hook=forbid) as server:

@@ -81,10 +81,10 @@ class Flaky:
             self.seen.setdefault(path, []).append(time.monotonic())
             n = len(self.seen[path])
         if path == "/forbidden":
-            h._send(403, b"no", "text/plain")
+            h.reply(403, b"no", "text/plain")
             return True
         if path == "/down" or (path == "/flaky.txt" and n <= self.failures):
-            h._send(500, b"oops", "text/plain")
+            h.reply(500, b"oops", "text/plain")
             return True
         return False
 
