@@ -526,8 +526,10 @@ async def redrive(
         ends = await consumer.end_offsets(tps)
         for tp in tps:
             meta = committed.get(tp)
-            had = meta.offset if meta is not None and meta.offset >= 0 else None
-            progress = Progress.load(had or 0, meta.metadata if had is not None else None)
+            if meta is None or meta.offset < 0:
+                had, progress = None, Progress.load(0, None)
+            else:
+                had, progress = meta.offset, Progress.load(meta.offset, meta.metadata)
             progress.advance_to(starts[tp])
             result.plan.append(PartitionPlan(tp, topics[tp.topic], had, progress, ends[tp]))
         parts = {p.tp: p for p in result.plan}
