@@ -12,5 +12,5 @@ fi
 # install from downloading it again.
 echo "installing Python dependencies (first time: several minutes, torch is large) ..." >&2
 .venv/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[dev]"
-.venv/bin/python -c "from ragstream import kafka_local; from streams.settings import get_settings; print('kafka jars:', kafka_local.ensure_jars(get_settings()))"
+.venv/bin/python -c "from devtools import kafka_local; from streams.settings import get_settings; print('kafka jars:', kafka_local.ensure_jars(get_settings()))"
 echo "ok: .venv ready; try: .venv/bin/ragstream --help" >&2
