@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any
 
 import faust
@@ -34,7 +34,8 @@ batch, the margin covers what a broker version may count differently."""
 
 SIZE_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError)
 
-Headers = Sequence[tuple[str, bytes]]
+Headers = list[tuple[str, bytes]]
+"""Kafka record headers, in the form faust's ``send`` takes them."""
 
 
 # --- headers --------------------------------------------------------------------------------

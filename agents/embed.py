@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Iterable
+from typing import cast
 
 import faust
 import numpy as np
@@ -67,7 +68,7 @@ class EmbedStage:
         self._pools: InOrder | None = None
         self._last_log = 0.0
 
-    async def run(self, stream: faust.StreamT) -> None:
+    async def run(self, stream: faust.Stream) -> None:
         """Gather pool after pool; one is encoded while the next is gathered, and each
         pool's events are acked once its vectors (or dead letters) are delivered."""
         pool = self.settings.embed_max_batch * 4
@@ -192,7 +193,8 @@ def register(app: faust.App, settings: Settings) -> None:
     @app.agent(chunks, name="embed")
     async def embed(stream: faust.StreamT) -> None:
         embedder = await asyncio.to_thread(Embedder, settings)
-        await EmbedStage(settings, embedder, vectors, dlq, stats).run(stream)
+        # faust hands an agent a Stream; its decorator is typed for StreamT
+        await EmbedStage(settings, embedder, vectors, dlq, stats).run(cast(faust.Stream, stream))
 
     app.embed_stats = stats  # type: ignore[attr-defined]
 

@@ -15,9 +15,10 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Mapping
+from typing import cast
 
 import faust
-from faust.types import EventT
+from faust.types import TP, EventT
 
 from agents.app import dlq_topic, topic
 from agents.checkpoint import Checkpoint, InOrder, delivered
@@ -94,7 +95,7 @@ class FetchStage:
         self.retry_out = retry_out
         self.delays = retry_delays(settings)
 
-    async def run(self, stream: faust.StreamT) -> None:
+    async def run(self, stream: faust.Stream) -> None:
         """Handle up to ``fetch_concurrency`` pages at once; ack them in offset order, each
         once its chunks (or dead letter) are delivered. Two requests for one page (one
         key) run one after the other, so its chunks reach ``chunks`` in request order."""
@@ -225,7 +226,7 @@ class FetchStage:
             return [trim(url, 0)], gone_state, False
         new = await self.extractor.page_chunks(url, page.body, page.content_type)
         state = DocState(
-            doc_hash=new[0].doc_hash if new else "",
+            doc_hash=(new[0].doc_hash or "") if new else "",
             hashes=tuple(c.text_hash or "" for c in new),
             etag=page.etag,
             last_modified=page.last_modified,
@@ -298,8 +299,9 @@ def register(app: faust.App, settings: Settings) -> None:
     docs = DocStates(settings)
     urls_name = settings.topic(URLS)
 
-    @app.on_partitions_assigned.connect
-    async def load_states(sender: object, assigned: set, **kwargs: object) -> None:
+    # mypy matches no function to mode 0.7.1's SignalHandlerT, not even its own form
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def load_states(sender: object, assigned: set[TP], **kwargs: object) -> None:
         await docs.assign(tp.partition for tp in assigned if tp.topic == urls_name)
 
     @app.task
@@ -332,7 +334,8 @@ def register(app: faust.App, settings: Settings) -> None:
             retry_out=retry_out,
         )
         try:
-            await stage.run(stream)
+            # faust hands an agent a Stream; its decorator is typed for StreamT
+            await stage.run(cast(faust.Stream, stream))
         finally:
             await fetcher.aclose()
             await extractor.aclose()

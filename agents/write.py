@@ -21,10 +21,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import faust
-from faust.types import EventT
+from faust.types import TP, EventT
 
 from agents.app import dlq_topic, topic
 from agents.checkpoint import Checkpoint, delivered
@@ -70,7 +70,7 @@ class WindowWriter:
         self.dlq = dlq
         self.stats = stats or WriteStats()
 
-    async def run(self, stream: faust.StreamT) -> None:
+    async def run(self, stream: faust.Stream) -> None:
         """Write window after window; each window's events are acked once it is written."""
         checkpoint = Checkpoint(stream.ack, "writing a window")
         settings = self.settings
@@ -157,8 +157,9 @@ def register(app: faust.App, settings: Settings) -> None:
     stats = WriteStats()
     opened: list[MilvusStore] = []
 
-    @app.on_partitions_assigned.connect
-    async def forget_versions(sender: object, assigned: set, **kwargs: object) -> None:
+    # mypy matches no function to mode 0.7.1's SignalHandlerT, not even its own form
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def forget_versions(sender: object, assigned: set[TP], **kwargs: object) -> None:
         # Another writer may have written these partitions' documents meanwhile: its
         # versions are in Milvus, not in this process' cache.
         for store in opened:
@@ -170,7 +171,8 @@ def register(app: faust.App, settings: Settings) -> None:
             "open Milvus", lambda: MilvusStore(settings), settings, everything=True
         )
         opened.append(store)
-        await WindowWriter(settings, store, dlq, stats).run(stream)
+        # faust hands an agent a Stream; its decorator is typed for StreamT
+        await WindowWriter(settings, store, dlq, stats).run(cast(faust.Stream, stream))
 
     app.write_stats = stats  # type: ignore[attr-defined]
 
