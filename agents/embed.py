@@ -196,8 +196,6 @@ def register(app: faust.App, settings: Settings) -> None:
         # faust hands an agent a Stream; its decorator is typed for StreamT
         await EmbedStage(settings, embedder, vectors, dlq, stats).run(cast(faust.Stream, stream))
 
-    app.embed_stats = stats  # type: ignore[attr-defined]
-
 
 def _f32(values: Iterable[float]) -> np.ndarray:
     return np.fromiter(values, dtype=np.float32)

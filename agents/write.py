@@ -174,8 +174,6 @@ def register(app: faust.App, settings: Settings) -> None:
         # faust hands an agent a Stream; its decorator is typed for StreamT
         await WindowWriter(settings, store, dlq, stats).run(cast(faust.Stream, stream))
 
-    app.write_stats = stats  # type: ignore[attr-defined]
-
 
 def _refusals(store: MilvusStore, good: list[tuple[EventT, Vector]]) -> dict[int, tuple[str, str]]:
     """Vectors that can never be written, by ``id()``: ``(error_class, reason)``. They are
