@@ -174,6 +174,14 @@ def doc_id(url: str) -> str:
     return _blake16(normalize_url(url).encode("utf-8"))
 
 
+_DOC_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def is_doc_id(value: str) -> bool:
+    """Whether ``value`` has the shape :func:`doc_id` gives (what schemas/*.json require)."""
+    return _DOC_ID.fullmatch(value) is not None
+
+
 def chunk_id(doc_id: str, chunk_index: int) -> str:
     """The Milvus primary key of a chunk: ``<doc_id>:<index, 5 digits>``.
 

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from streams.errors import SchemaMismatch, StoreUnavailable
-from streams.ids import chunk_id
+from streams.ids import chunk_id, is_doc_id
 from streams.messages import Vector
 from streams.settings import Settings
 
@@ -109,9 +109,25 @@ def trim_filter(trims: Mapping[str, int]) -> str | None:
         by_count.setdefault(count, []).append(doc)
     parts = []
     for count, docs in sorted(by_count.items()):
-        ids = ", ".join(f'"{d}"' for d in sorted(docs))
+        ids = quoted_ids(sorted(docs))
         parts.append(f"(doc_id in [{ids}] and chunk_index >= {count})")
     return " or ".join(parts)
+
+
+def quoted_ids(docs: Iterable[str]) -> str:
+    """Document ids as the inside of a Milvus ``in [...]`` list.
+
+    A filter is code: an id that is not the 32 hex digits :func:`streams.ids.doc_id` makes
+    is refused here (``ValueError``, so the writer dead-letters its message) instead of
+    being pasted into the expression. The schemas refuse such ids already; this is the
+    second lock on the same door, where the string becomes code.
+    """
+    out = []
+    for doc in docs:
+        if not is_doc_id(doc):
+            raise ValueError(f"not a document id: {doc[:80]!r}")
+        out.append(f'"{doc}"')
+    return ", ".join(out)
 
 
 def cut_utf8(text: str, max_bytes: int) -> str:
@@ -511,6 +527,8 @@ class MilvusStore:
         out: dict[str, int] = {}
         missing: list[str] = []
         for doc in sorted(set(docs)):
+            if not is_doc_id(doc):
+                continue  # never written under such an id (quoted_ids would refuse it)
             if doc in self._versions:
                 v = self._versions.get(doc)
                 if v is not None:
@@ -529,7 +547,7 @@ class MilvusStore:
         found: dict[str, int] = {}
         for start in range(0, len(missing), LOOKUP_BATCH):
             part = missing[start : start + LOOKUP_BATCH]
-            ids = ", ".join(f'"{d}"' for d in part)
+            ids = quoted_ids(part)
             rows = self.client.query(
                 self.docs_name,
                 filter=f"doc_id in [{ids}]",

@@ -224,10 +224,19 @@ def test_trim_filter_deletes_exactly_each_documents_tail(trims: dict[str, int]) 
     ],
 )
 def test_a_hostile_doc_id_never_reaches_a_filter(hostile: str) -> None:
-    """``trim_filter`` quotes doc ids without escaping: it may, because a message whose
-    doc_id is not 32 lowercase hex digits is refused when decoded, before any window."""
+    """The first lock: a message whose doc_id is not 32 lowercase hex digits is refused
+    when decoded, before any window (``trim_filter`` refuses it too: the test below)."""
     message = Vector(chunk=Chunk(op="delete", doc_id=hostile, url=URLS[0], chunk_count=0))
     with pytest.raises(DecodeError, match="doc_id"):
         decode_vector(encode_vector(message))
     good = dataclasses.replace(message.chunk, doc_id=doc_id(URLS[0]))
     assert decode_vector(encode_vector(Vector(chunk=good))).chunk == good
+
+
+@pytest.mark.parametrize("hostile", ['a" or doc_id != "', "A" * 32, "a" * 32 + "\n", ""])
+def test_a_filter_refuses_what_is_not_a_doc_id(hostile: str) -> None:
+    """The second lock: were the schema ever loosened, the filter still is not code."""
+    good = doc_id(URLS[0])
+    assert trim_filter({good: 3}) == f'(doc_id in ["{good}"] and chunk_index >= 3)'
+    with pytest.raises(ValueError, match="not a document id"):
+        trim_filter({good: 3, hostile: 0})
