@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
@@ -194,15 +194,19 @@ class OffsetReader:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.admin = kafka.admin(settings)
-        self.consumer = kafka.consumer(settings)
+        self.admin: AIOKafkaAdminClient  # both made on entering: none is left unstarted
+        self.consumer: AIOKafkaConsumer
         self._known: dict[str, tuple[float, list[TopicPartition]]] = {}
         self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> OffsetReader:
         async with contextlib.AsyncExitStack() as stack:
-            await stack.enter_async_context(kafka.started(self.admin, self.settings))
-            await stack.enter_async_context(kafka.started(self.consumer, self.settings))
+            self.admin = await stack.enter_async_context(
+                kafka.started(kafka.admin(self.settings), self.settings)
+            )
+            self.consumer = await stack.enter_async_context(
+                kafka.started(kafka.consumer(self.settings), self.settings)
+            )
             self._stack = stack.pop_all()
         return self
 
