@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import faust
 
+from agents.common import LIMITS
 from streams import kafka
 from streams.settings import Settings
 from streams.topics import STAGES, dlq
@@ -20,6 +21,7 @@ def create_app(settings: Settings, stage: str) -> faust.App:
         raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
     datadir = settings.home / "faust" / stage
     datadir.mkdir(parents=True, exist_ok=True)
+    LIMITS.configure(settings)  # every stage sends within the broker's size limits
     return faust.App(
         settings.group(stage),
         **kafka.faust_broker(settings),

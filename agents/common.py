@@ -20,10 +20,10 @@ from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from faust.types import EventT
 
-from streams.errors import TooLarge
+from streams.errors import ConfigError, TooLarge
 from streams.messages import DeadLetter, encode_dead_letter
 from streams.retry import HOPS
-from streams.settings import Settings, get_settings
+from streams.settings import Settings
 from streams.topics import message_limits
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,9 @@ class SizeLimits:
         if limit is None:
             async with self._lock:
                 if name not in self._limits:
-                    settings = self.settings or get_settings()
-                    broker = (await message_limits(settings.broker, [name]))[name]
+                    if self.settings is None:  # the process' settings, never the environment's
+                        raise ConfigError("size limits not configured (agents.app.create_app does)")
+                    broker = (await message_limits(self.settings, [name]))[name]
                     producer = int(topic.app.conf.producer_max_request_size)
                     self._limits[name] = min(broker, producer) - RECORD_MARGIN
                     log.info(

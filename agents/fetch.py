@@ -294,7 +294,6 @@ def register(app: faust.App, settings: Settings) -> None:
     state_log = topic(app, settings, state_topic(URLS))
     delays = retry_delays(settings)
     retry_out = {n: topic(app, settings, retry_topic(n)) for n in range(1, len(delays) + 1)}
-    LIMITS.configure(settings)
     # url -> DocState: validators and chunk hashes, so an unchanged page is not re-embedded.
     docs = DocStates(settings)
     urls_name = settings.topic(URLS)

@@ -102,17 +102,14 @@ def topic_config(name: str, settings: Settings | None = None) -> dict[str, str]:
     return {}
 
 
-async def message_limits(settings: Settings | str, topics: list[str]) -> dict[str, int]:
+async def message_limits(settings: Settings, topics: list[str]) -> dict[str, int]:
     """The largest record batch the broker accepts on each topic, in bytes.
 
     A topic's ``max.message.bytes`` (which already falls back to the broker's
     ``message.max.bytes``); for a topic the broker does not describe, the broker's
     ``message.max.bytes``; failing that, Kafka's default. Read once when a stage starts: a
     produce over the limit can never succeed, so the stage dead-letters it instead.
-    ``settings`` may still be a bare broker address (the connection is then only that).
     """
-    if isinstance(settings, str):
-        settings = Settings(broker=settings)
     async with kafka.started(kafka.admin(settings), settings) as client:
         out: dict[str, int] = {}
         broker_max = BROKER_DEFAULT_MAX_BYTES

@@ -4,6 +4,7 @@ exactly what a fault-free run gives: every chunk once, with its text and its vec
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from devtools import kafka_local
 from devtools.corpus import CorpusServer, corpus_files, subset
 from ops.progress import Snapshot, snapshot
 from streams.settings import Settings
+from streams.topics import OffsetReader
 from tests.helpers import (
     Worker,
     baseline,
@@ -79,16 +81,24 @@ def kill_when(
     n_urls: int,
     n_chunks: int,
 ) -> Snapshot:
-    """SIGKILL ``victim`` once ``stage`` has done ``fraction`` of its work."""
-    deadline = time.monotonic() + 240
-    while True:
-        snap = run(snapshot(settings, base))
-        if progress_of(stage, snap, n_urls, n_chunks) >= fraction:
-            victim.kill()
-            return snap
-        assert victim.alive(), victim.tail()
-        assert time.monotonic() < deadline, f"no progress: {snap}\n{victim.tail()}"
-        time.sleep(0.05)
+    """SIGKILL ``victim`` once ``stage`` has done ``fraction`` of its work.
+
+    One reader polls (connecting anew costs ~1.5 s a poll here, longer than fetching the
+    whole corpus takes, so the kill would land after the end)."""
+
+    async def watch() -> Snapshot:
+        deadline = time.monotonic() + 240
+        async with OffsetReader(settings) as reader:
+            while True:
+                snap = await snapshot(settings, base, reader=reader)
+                if progress_of(stage, snap, n_urls, n_chunks) >= fraction:
+                    victim.kill()
+                    return snap
+                assert victim.alive(), victim.tail()
+                assert time.monotonic() < deadline, f"no progress: {snap}\n{victim.tail()}"
+                await asyncio.sleep(0.05)
+
+    return run(watch())
 
 
 @pytest.mark.parametrize("seed", [1, 2])
