@@ -331,14 +331,13 @@ def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coro).result()
 
 
-async def _metadata_ok(bootstrap: str, timeout_s: float) -> bool:
+async def _metadata_ok(settings: Settings, bootstrap: str, timeout_s: float) -> bool:
     """Whether a Kafka metadata request answers with at least one live broker."""
-    from aiokafka.admin import AIOKafkaAdminClient
+    from streams import kafka
 
     ms = max(1000, int(timeout_s * 1000))
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=ms, retry_backoff_ms=100
-    )
+    local = settings.model_copy(update={"broker": bootstrap})
+    admin = kafka.admin(local, request_timeout_ms=ms, retry_backoff_ms=100)
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
         cluster = await asyncio.wait_for(admin.describe_cluster(), timeout_s)
@@ -365,7 +364,7 @@ def _wait_ready(
             )
         left = deadline - time.monotonic()
         if _port_answers(port, timeout=min(1.0, max(0.1, left))) and _run_sync(
-            _metadata_ok(bootstrap, timeout_s=min(5.0, max(1.0, left)))
+            _metadata_ok(settings, bootstrap, timeout_s=min(5.0, max(1.0, left)))
         ):
             return
         if time.monotonic() >= deadline:
