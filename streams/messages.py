@@ -154,6 +154,9 @@ class Chunk:
     fetched_at: str | None = None
     title: str | None = None
     section: str | None = None
+    #: Who asked for the page (the ``urls`` request's ``source``: ``cli``, ``webhook``,
+    #: ``sitemap``...), copied to every chunk so a search can filter by it.
+    source: str | None = None
     #: The document's version: grows with each fetch of the page (fetch time in ms x 10^6
     #: + the urls offset's last six digits). The writer drops a message older than what
     #: Milvus holds for its document; ``None`` (older producers) is applied unconditionally.
