@@ -94,7 +94,7 @@ class Embedder:
         self._lock = threading.Lock()
         self._unused_tokens = {
             self.tokenizer.convert_tokens_to_ids(self.tokenizer.special_tokens_map[t])
-            for t in ("cls_token", "eos_token", "pad_token", "unk_token")
+            for t in ("cls_token", "sep_token", "eos_token", "pad_token", "unk_token")
             if t in self.tokenizer.special_tokens_map
         }
         self.dim = int(self.encode(["dimension probe"]).dense.shape[1])

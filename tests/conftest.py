@@ -184,3 +184,11 @@ def milvus_server(tmp_path: Path) -> Iterator[MilvusServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def random_m3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BGE-M3-shaped model (dense 1024 + sparse head) with random weights, built once."""
+    from devtools.random_m3 import make_random_m3
+
+    return make_random_m3(tmp_path_factory.mktemp("models") / "random-m3")
