@@ -23,13 +23,14 @@ import collections
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from streams.errors import SchemaMismatch, StoreUnavailable
+from streams.errors import BadRequest, SchemaMismatch, StoreUnavailable
 from streams.ids import chunk_id, is_doc_id
 from streams.messages import Vector
 from streams.settings import Settings
@@ -41,6 +42,8 @@ URL_MAX_BYTES = 2048
 TITLE_MAX_BYTES = 512
 TEXT_MAX = 65535
 HASH_MAX_BYTES = 64
+SECTION_MAX_BYTES = 2048  # a heading path; cut (it is shown and matched, never an id)
+SOURCE_MAX_BYTES = 1024  # the urls schema allows 256 characters: never cut
 MAX_REQUEST_ROWS = 1000  # rows per upsert request
 MAX_REQUEST_BYTES = 16 * 2**20  # estimated bytes per request, well under Milvus' 64 MB
 SPARSE_MAX_INDEX = 2**32 - 2  # Milvus reserves 2^32-1
@@ -144,8 +147,27 @@ def cut_utf8(text: str, max_bytes: int) -> str:
     return raw[:max_bytes].decode("utf-8", errors="ignore")  # drops a cut last character
 
 
-def row_of(vec: Vector, with_sparse: bool) -> dict[str, Any]:
-    """The Milvus row of a vector, its strings within the collection's byte limits."""
+def fetched_ms(fetched_at: str | None) -> int:
+    """A chunk's ``fetched_at`` (ISO 8601, UTC) as epoch milliseconds, for ``--since``;
+    0 (the epoch: older than any ``--since``) when absent or unreadable, so a row is never
+    refused for its timestamp."""
+    if not fetched_at:
+        return 0
+    try:
+        when = datetime.fromisoformat(fetched_at)
+    except ValueError:
+        return 0
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    return max(0, int(when.timestamp() * 1000))
+
+
+def row_of(vec: Vector, with_sparse: bool, fields: Container[str] | None = None) -> dict[str, Any]:
+    """The Milvus row of a vector, its strings within the collection's byte limits.
+
+    ``fields`` are the collection's fields (``None``: the schema this version creates): a
+    collection created by an older ragstream lacks ``section``, ``source`` and
+    ``fetched_ms``, and Milvus refuses a row with a field its schema does not have.
+    """
     c = vec.chunk
     row: dict[str, Any] = {
         "id": chunk_id(c.doc_id, c.chunk_index or 0),
@@ -157,9 +179,14 @@ def row_of(vec: Vector, with_sparse: bool) -> dict[str, Any]:
         "text_hash": cut_utf8(c.text_hash or "", HASH_MAX_BYTES),
         "doc_hash": cut_utf8(c.doc_hash or "", HASH_MAX_BYTES),
         "dense": vec.dense,
+        "section": cut_utf8(c.section or "", SECTION_MAX_BYTES),
+        "source": cut_utf8(c.source or "", SOURCE_MAX_BYTES),
+        "fetched_ms": fetched_ms(c.fetched_at),
     }
     if with_sparse:
         row["sparse"] = vec.sparse.as_dict() if vec.sparse is not None else {}
+    if fields is not None:
+        row = {k: v for k, v in row.items() if k in fields}
     return row
 
 
@@ -373,6 +400,184 @@ class LruVersions:
         self._data.clear()
 
 
+# --- search: pure logic ---------------------------------------------------------------------
+
+#: How a search ranks: ``hybrid`` fuses every leg the collection has; the others run one leg.
+SearchMode = Literal["hybrid", "dense", "sparse", "bm25"]
+MODES: tuple[SearchMode, ...] = ("hybrid", "dense", "sparse", "bm25")
+#: The legs a search can run: the model's dense vector, its learned sparse vector (BGE-M3)
+#: and the BM25 lexical vector Milvus computes from ``text`` (every collection since the
+#: hybrid schema).
+LEGS = ("dense", "sparse", "bm25")
+#: RRF's constant: 60, as in the paper (Cormack et al., 2009) and Milvus' default.
+RRF_K = 60
+#: Hits each leg contributes to a fusion: deeper than ``k`` so that a chunk ranked well by
+#: one leg and just outside ``k`` by another is still fused.
+LEG_DEPTH_MIN = 20
+LEG_DEPTH_MAX = 1000
+#: Fields a hit carries when the collection has them (older collections lack ``section``).
+HIT_FIELDS = ("url", "title", "text", "chunk_index", "section")
+#: The fields this version creates beyond those of the first schema.
+HYBRID_FIELDS = ("section", "source", "fetched_ms", "bm25")
+
+
+def parse_mode(text: str) -> SearchMode:
+    """``text`` as a search mode; ``BadRequest`` (a ``ValueError``) naming the modes."""
+    mode = text.strip().lower()
+    if mode not in MODES:
+        raise BadRequest(f"unknown search mode {text[:40]!r}: use one of {', '.join(MODES)}")
+    return mode
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """``dense=1,sparse=0.5,bm25=1`` as leg weights (each in 0..1, Milvus' range for a
+    weighted fusion; a leg left out weighs 1, a leg at 0 is not run)."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        name = name.strip().lower()
+        if not sep or name not in LEGS:
+            raise BadRequest(
+                f"bad weight {part.strip()[:40]!r}: write leg=weight with legs "
+                f"{', '.join(LEGS)} (dense=1,bm25=0.5)"
+            )
+        if name in out:
+            raise BadRequest(f"weight of {name} given twice")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise BadRequest(f"weight of {name} is not a number: {value.strip()[:40]!r}") from None
+        if not 0.0 <= weight <= 1.0:  # also refuses NaN
+            raise BadRequest(f"weight of {name} must be within 0..1, got {value.strip()[:40]}")
+        out[name] = weight
+    if not out:
+        raise BadRequest("no weights given: write leg=weight, e.g. dense=1,bm25=0.5")
+    if not any(out.values()):
+        raise BadRequest("every weight is 0: nothing would be searched")
+    return out
+
+
+def string_literal(value: str) -> str:
+    """``value`` as a Milvus filter string literal, double-quoted.
+
+    A filter is code (see :func:`quoted_ids`): a backslash and a double quote are escaped,
+    so no value can end the literal and add a clause; control characters are refused
+    rather than escaped (no URL, source or heading has one, and Milvus' escapes for them
+    differ by version).
+    """
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise BadRequest(f"control character in filter value {value[:40]!r}")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def like_prefix(prefix: str) -> str:
+    """A ``like`` pattern matching the strings that start with ``prefix``, literally:
+    ``%``, ``_`` and ``\\`` are ``like``'s own syntax and are escaped (``\\%``), then the
+    whole is a :func:`string_literal`."""
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return string_literal(escaped + "%")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Filters:
+    """What a search keeps: chunks whose URL starts with ``url_prefix``, whose request came
+    from ``source``, fetched at or after ``since_ms`` (epoch milliseconds)."""
+
+    url_prefix: str | None = None
+    source: str | None = None
+    since_ms: int | None = None
+
+    def fields(self) -> list[str]:
+        """The collection fields these filters need."""
+        need = []
+        if self.url_prefix:
+            need.append("url")
+        if self.source is not None:
+            need.append("source")
+        if self.since_ms is not None:
+            need.append("fetched_ms")
+        return need
+
+
+def filter_expr(filters: Filters | None) -> str:
+    """The Milvus boolean expression of ``filters`` (``""``: everything)."""
+    if filters is None:
+        return ""
+    parts = []
+    if filters.url_prefix:
+        parts.append(f"url like {like_prefix(filters.url_prefix)}")
+    if filters.source is not None:
+        parts.append(f"source == {string_literal(filters.source)}")
+    if filters.since_ms is not None:
+        parts.append(f"fetched_ms >= {int(filters.since_ms)}")
+    return " and ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SearchPlan:
+    """The legs a search runs, their weights (``None``: reciprocal-rank fusion), and what
+    was asked for and cannot be done on this collection (each a sentence for the user)."""
+
+    mode: SearchMode
+    legs: tuple[str, ...]
+    weights: tuple[float, ...] | None
+    notes: tuple[str, ...]
+
+
+def plan_search(
+    mode: SearchMode,
+    available: Container[str],
+    weights: Mapping[str, float] | None = None,
+    why_missing: Mapping[str, str] | None = None,
+) -> SearchPlan:
+    """Which legs ``mode`` runs given the legs ``available`` (the collection's fields that
+    the query has an input for). A leg the collection lacks falls back (``sparse`` to
+    ``bm25``, either to ``dense``) with a note, never an error: a collection created by an
+    older ragstream has the dense leg only. ``why_missing`` says why a leg is missing."""
+    why = why_missing or {}
+    notes: list[str] = []
+
+    def missing(leg: str) -> str:
+        return why.get(leg, f"collection has no {leg} field")
+
+    if mode == "dense":
+        legs = ["dense"]
+    elif mode == "bm25":
+        legs = ["bm25"] if "bm25" in available else ["dense"]
+        if "bm25" not in available:
+            notes.append(f"bm25: {missing('bm25')}; searched dense instead")
+    elif mode == "sparse":
+        if "sparse" in available:
+            legs = ["sparse"]
+        elif "bm25" in available:
+            legs = ["bm25"]
+            notes.append(f"sparse: {missing('sparse')}; searched bm25")
+        else:
+            legs = ["dense"]
+            notes.append(f"sparse: {missing('sparse')}, bm25: {missing('bm25')}; searched dense")
+    else:
+        legs = ["dense"] + [leg for leg in ("sparse", "bm25") if leg in available]
+        if len(legs) == 1:
+            notes.append(f"hybrid: {missing('bm25')}; searched dense only")
+    fused: tuple[float, ...] | None = None
+    if weights:
+        for leg in sorted(set(weights) - set(legs)):
+            notes.append(f"weight of {leg} ignored: the search does not run that leg")
+        kept = [leg for leg in legs if weights.get(leg, 1.0) > 0]
+        if not kept:
+            raise BadRequest(f"every leg this search runs ({', '.join(legs)}) has weight 0")
+        legs = kept
+        fused = tuple(weights.get(leg, 1.0) for leg in legs)
+    return SearchPlan(mode=mode, legs=tuple(legs), weights=fused, notes=tuple(notes))
+
+
+def leg_depth(k: int) -> int:
+    """Hits each leg of a fusion returns for a final ``k``."""
+    return min(max(2 * k, LEG_DEPTH_MIN, k), max(LEG_DEPTH_MAX, k))
+
+
 # --- Milvus ---------------------------------------------------------------------------------
 
 
@@ -387,12 +592,17 @@ def _let_pymilvus_import() -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Hit:
+    """One chunk found. ``score``: larger is better, on the scale of the search's ranking
+    (cosine for dense, inner product for learned sparse, BM25 for bm25, the fused score
+    for a hybrid search); comparable within one search, not across modes."""
+
     id: str
     score: float
     url: str
     title: str
     text: str
     chunk_index: int
+    section: str = ""
 
 
 @dataclasses.dataclass(slots=True)
@@ -433,6 +643,7 @@ class MilvusStore:
         self.dim: int | None = None
         self.sparse: bool = False
         self.model: str | None = None
+        self.fields: frozenset[str] = frozenset()
         self._docs_ready = False
         self._recheck = False
         self._versions = LruVersions(settings.write_version_cache)
@@ -441,6 +652,7 @@ class MilvusStore:
 
     def _read_schema(self) -> None:
         desc = self.client.describe_collection(self.name)
+        self.fields = frozenset(f["name"] for f in desc["fields"])
         for f in desc["fields"]:
             if f["name"] == "dense":
                 self.dim = int(f["params"]["dim"])
@@ -452,6 +664,7 @@ class MilvusStore:
     def _reload(self) -> None:
         """After a failure: the collections may have been dropped or recreated meanwhile."""
         self.dim, self.sparse, self.model = None, False, None
+        self.fields = frozenset()
         self._docs_ready = False
         self._versions.clear()
         if self.client.has_collection(self.name, timeout=self.timeout):
@@ -467,7 +680,7 @@ class MilvusStore:
                     "RAGSTREAM_COLLECTION for another model"
                 )
             return
-        from pymilvus import DataType
+        from pymilvus import DataType, Function, FunctionType
 
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
@@ -475,12 +688,26 @@ class MilvusStore:
         schema.add_field("chunk_index", DataType.INT64)
         schema.add_field("url", DataType.VARCHAR, max_length=URL_MAX_BYTES)
         schema.add_field("title", DataType.VARCHAR, max_length=TITLE_MAX_BYTES)
-        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX)
+        # analysed: Milvus derives the bm25 field from it (the lexical leg of every search)
+        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX, enable_analyzer=True)
         schema.add_field("text_hash", DataType.VARCHAR, max_length=HASH_MAX_BYTES)
         schema.add_field("doc_hash", DataType.VARCHAR, max_length=HASH_MAX_BYTES)
         schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dim)
+        schema.add_field("section", DataType.VARCHAR, max_length=SECTION_MAX_BYTES)
+        schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX_BYTES)
+        schema.add_field("fetched_ms", DataType.INT64)
+        schema.add_field("bm25", DataType.SPARSE_FLOAT_VECTOR)
+        schema.add_function(
+            Function(
+                name="bm25",
+                function_type=FunctionType.BM25,
+                input_field_names=["text"],
+                output_field_names=["bm25"],
+            )
+        )
         index = self.client.prepare_index_params()
         index.add_index("dense", index_type="AUTOINDEX", metric_type="COSINE")
+        index.add_index("bm25", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
         if sparse:
             schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
             index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
@@ -595,7 +822,7 @@ class MilvusStore:
                 first.model or "?", int(first.dim or 0), first.sparse is not None
             )
         if self.dim is not None:
-            payload = [(v, row_of(v, self.sparse)) for v in rows]
+            payload = [(v, row_of(v, self.sparse, self.fields)) for v in rows]
             batches = request_batches(
                 payload,
                 [row_bytes(r) for _, r in payload],
@@ -654,25 +881,127 @@ class MilvusStore:
         res = self.client.query(self.name, filter="", output_fields=["count(*)"])
         return int(res[0]["count(*)"])
 
-    def search(self, dense: np.ndarray, k: int = 5) -> list[Hit]:
+    def legs(self) -> frozenset[str]:
+        """The search legs this collection can serve (empty when it does not exist yet)."""
+        if self.dim is None:
+            return frozenset()
+        have = {"dense"}
+        if self.sparse:
+            have.add("sparse")
+        if "bm25" in self.fields:
+            have.add("bm25")
+        return frozenset(have)
+
+    def plan(
+        self,
+        mode: SearchMode = "hybrid",
+        weights: Mapping[str, float] | None = None,
+        *,
+        text: bool = True,
+        sparse: bool = True,
+    ) -> SearchPlan:
+        """What :meth:`search` will run for ``mode`` here, with the notes to show the user;
+        ``text`` and ``sparse`` say whether the query has a text and a learned sparse vector."""
+        have = set(self.legs())
+        why: dict[str, str] = {}
+        if "bm25" not in have:
+            why["bm25"] = (
+                f"collection {self.name!r} has no bm25 field (created by an older ragstream; "
+                "docs/runbooks.md says how to upgrade)"
+            )
+        if "sparse" not in have:
+            why["sparse"] = f"collection {self.name!r} has no learned sparse field (not BGE-M3)"
+        if not text and "bm25" in have:
+            have.discard("bm25")
+            why["bm25"] = "no query text given"
+        if not sparse and "sparse" in have:
+            have.discard("sparse")
+            why["sparse"] = "the query has no sparse vector (empty after encoding)"
+        return plan_search(mode, have, weights, why)
+
+    def search(
+        self,
+        dense: np.ndarray | None = None,
+        k: int = 5,
+        *,
+        text: str | None = None,
+        sparse: Mapping[int, float] | None = None,
+        mode: SearchMode = "hybrid",
+        weights: Mapping[str, float] | None = None,
+        filters: Filters | None = None,
+    ) -> list[Hit]:
+        """The ``k`` best chunks, best first (``[]`` when the collection does not exist).
+
+        Legs run with the inputs given: ``dense`` (the query's dense vector, required),
+        ``text`` (the query itself, for bm25), ``sparse`` (BGE-M3's query weights). ``mode``
+        ``hybrid`` fuses every leg the collection and the inputs allow; without ``text``
+        and ``sparse`` it is a dense search, as before hybrid search existed. ``weights``
+        (leg -> 0..1) fuse with Milvus' ``WeightedRanker``, else ``RRFRanker(60)``. A leg the
+        collection lacks falls back as :meth:`plan` says (notes are logged); a filter on a
+        field it lacks is ``BadRequest``. Milvus away: ``StoreUnavailable``.
+        """
         if self.dim is None:
             return []
-        res = self.client.search(
-            self.name,
-            data=[np.asarray(dense, dtype=np.float32)],
-            anns_field="dense",
-            limit=k,
-            output_fields=["url", "title", "text", "chunk_index"],
-            search_params={"metric_type": "COSINE"},
-        )
+        plan = self.plan(mode, weights, text=bool(text), sparse=bool(sparse))
+        for note in plan.notes:
+            log.warning("search: %s", note)
+        lacking = [f for f in (filters.fields() if filters else []) if f not in self.fields]
+        if lacking:
+            raise BadRequest(
+                f"collection {self.name!r} has no {', '.join(lacking)} field (created by an "
+                "older ragstream): it cannot be filtered so; docs/runbooks.md says how to upgrade"
+            )
+        if "dense" in plan.legs and dense is None:
+            raise BadRequest("a dense search needs the query's dense vector")
+        expr = filter_expr(filters)
+        out_fields = [f for f in HIT_FIELDS if f in self.fields]
+        inputs: dict[str, tuple[Any, dict[str, Any]]] = {
+            "dense": (np.asarray(dense, dtype=np.float32), {"metric_type": "COSINE"}),
+            "sparse": (dict(sparse or {}), {"metric_type": "IP"}),
+            "bm25": (text, {"metric_type": "BM25"}),
+        }
+        try:
+            if len(plan.legs) == 1:
+                leg = plan.legs[0]
+                data, params = inputs[leg]
+                res = self.client.search(
+                    self.name,
+                    data=[data],
+                    anns_field=leg,
+                    limit=k,
+                    filter=expr,
+                    output_fields=out_fields,
+                    search_params=params,
+                    timeout=self.timeout,
+                )
+            else:
+                from pymilvus import AnnSearchRequest, RRFRanker, WeightedRanker
+
+                depth = leg_depth(k)
+                reqs = [
+                    AnnSearchRequest([inputs[leg][0]], leg, inputs[leg][1], depth, expr=expr)
+                    for leg in plan.legs
+                ]
+                ranker = RRFRanker(RRF_K) if plan.weights is None else WeightedRanker(*plan.weights)
+                res = self.client.hybrid_search(
+                    self.name, reqs, ranker, limit=k, output_fields=out_fields, timeout=self.timeout
+                )
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise StoreUnavailable(f"Milvus at {self.uri} cannot search now: {exc}") from exc
+            raise
+        # Milvus Lite reports BM25 as a negative distance (best most negative), a server as
+        # a positive score: the magnitude is the score either way.
+        lexical = plan.legs == ("bm25",)
         return [
             Hit(
                 id=h["id"],
-                score=float(h["distance"]),
-                url=h["entity"]["url"],
-                title=h["entity"]["title"],
-                text=h["entity"]["text"],
-                chunk_index=int(h["entity"]["chunk_index"]),
+                score=abs(float(h["distance"])) if lexical else float(h["distance"]),
+                url=h["entity"].get("url", ""),
+                title=h["entity"].get("title", ""),
+                text=h["entity"].get("text", ""),
+                chunk_index=int(h["entity"].get("chunk_index", 0)),
+                section=h["entity"].get("section", "") or "",
             )
             for h in res[0]
         ]

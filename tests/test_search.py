@@ -1,0 +1,364 @@
+"""Search: the filter expressions (a filter is code), modes and weights, and on Milvus Lite
+(``slow``) the legs themselves: BM25 finds an exact identifier, hybrid runs on a dense-only
+collection and on a BGE-M3-shaped one, filters keep what they say, an older collection
+falls back, and the CLI, the Python API and the HTTP route return the same hits."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from streams.errors import BadRequest
+from streams.ids import doc_id, normalize_url, text_hash
+from streams.messages import Chunk, Sparse, Vector
+from streams.settings import Settings
+from streams.store import (
+    Filters,
+    MilvusStore,
+    SearchMode,
+    filter_expr,
+    like_prefix,
+    parse_mode,
+    parse_weights,
+    plan_search,
+    reduce_window,
+    row_of,
+    string_literal,
+)
+
+# --- filters: pure ----------------------------------------------------------------------------
+
+HOSTILE = [
+    'a" or 1==1 or "',
+    'a\\" or 1==1 or \\"',
+    "100%",
+    "a_b",
+    "back\\slash",
+    "trailing\\",
+    '"',
+    "\\",
+    "it's",
+    "ünïcødé/パス",
+]
+
+
+def unescape_literal(lit: str) -> str:
+    """What Milvus reads from a double-quoted literal: the inverse of string_literal, and
+    a proof that the literal ends where it should (no unescaped quote inside)."""
+    assert lit[0] == '"' and lit[-1] == '"'
+    out, i, body = [], 0, lit[1:-1]
+    while i < len(body):
+        ch = body[i]
+        assert ch != '"', f"an unescaped quote ends the literal early: {lit}"
+        if ch == "\\":
+            assert i + 1 < len(body), f"a dangling backslash escapes the closing quote: {lit}"
+            out.append(body[i + 1])
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def like_matches(pattern: str, value: str) -> bool:
+    """``like`` semantics (``%``, ``_``, ``\\`` escapes) as a regex, to check the escaping."""
+    import re
+
+    rx, i = [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern):
+            rx.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        rx.append(".*" if ch == "%" else "." if ch == "_" else re.escape(ch))
+        i += 1
+    return re.fullmatch("".join(rx), value, re.S) is not None
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_string_literal_cannot_be_escaped_from(value: str) -> None:
+    assert unescape_literal(string_literal(value)) == value
+
+
+@pytest.mark.parametrize("prefix", HOSTILE)
+def test_like_prefix_matches_the_prefix_literally(prefix: str) -> None:
+    pattern = unescape_literal(like_prefix(prefix))
+    assert like_matches(pattern, prefix)
+    assert like_matches(pattern, prefix + "/anything %_\\")
+    # a wildcard in the prefix matches only itself
+    for ch in "%_":
+        if ch in prefix:
+            assert not like_matches(pattern, prefix.replace(ch, "X"))
+
+
+def test_filter_expr_joins_the_filters() -> None:
+    assert filter_expr(None) == ""
+    assert filter_expr(Filters()) == ""
+    assert filter_expr(Filters(url_prefix="http://e.org/a_b")) == 'url like "http://e.org/a\\\\_b%"'
+    expr = filter_expr(Filters(url_prefix="x", source='cms" or "1', since_ms=1700000000000))
+    assert expr == 'url like "x%" and source == "cms\\" or \\"1" and fetched_ms >= 1700000000000'
+
+
+def test_a_hostile_prefix_stays_inside_its_literal() -> None:
+    expr = filter_expr(Filters(url_prefix='a" or 1==1 or "'))
+    assert expr.startswith("url like ")
+    assert unescape_literal(expr[len("url like ") :]) == 'a" or 1==1 or "%'
+
+
+@pytest.mark.parametrize("value", ["a\nb", "a\x00", "\x7f", "tab\there"])
+def test_control_characters_are_refused(value: str) -> None:
+    with pytest.raises(BadRequest):
+        string_literal(value)
+    with pytest.raises(BadRequest):
+        filter_expr(Filters(source=value))
+
+
+# --- modes and weights: pure ------------------------------------------------------------------
+
+
+def test_parse_mode() -> None:
+    assert [parse_mode(m) for m in ("hybrid", "Dense", " sparse ", "BM25")] == [
+        "hybrid",
+        "dense",
+        "sparse",
+        "bm25",
+    ]
+    with pytest.raises(BadRequest, match="hybrid, dense, sparse, bm25"):
+        parse_mode("lexical")
+
+
+def test_parse_weights() -> None:
+    assert parse_weights("dense=1,sparse=0.5, bm25=0") == {"dense": 1, "sparse": 0.5, "bm25": 0}
+    assert parse_weights("bm25=0.25") == {"bm25": 0.25}
+    for bad in ("", "dense", "dense=x", "dense=2", "dense=-1", "dense=nan", "colbert=1",
+                "dense=1,dense=1", "dense=0,bm25=0"):  # fmt: skip
+        with pytest.raises(BadRequest):
+            parse_weights(bad)
+
+
+ALL = {"dense", "sparse", "bm25"}
+MINI = {"dense", "bm25"}
+OLD = {"dense"}
+
+
+@pytest.mark.parametrize(
+    ("mode", "available", "legs", "noted"),
+    [
+        ("hybrid", ALL, ("dense", "sparse", "bm25"), False),
+        ("hybrid", MINI, ("dense", "bm25"), False),
+        ("hybrid", OLD, ("dense",), True),
+        ("dense", ALL, ("dense",), False),
+        ("sparse", ALL, ("sparse",), False),
+        ("sparse", MINI, ("bm25",), True),
+        ("sparse", OLD, ("dense",), True),
+        ("bm25", ALL, ("bm25",), False),
+        ("bm25", OLD, ("dense",), True),
+    ],
+)
+def test_plan_legs_and_fallbacks(
+    mode: str, available: set[str], legs: tuple[str, ...], noted: bool
+) -> None:
+    plan = plan_search(parse_mode(mode), available)
+    assert plan.legs == legs
+    assert plan.weights is None  # RRF
+    assert bool(plan.notes) == noted
+
+
+def test_plan_weights() -> None:
+    plan = plan_search("hybrid", ALL, {"bm25": 0.5})
+    assert plan.legs == ("dense", "sparse", "bm25") and plan.weights == (1.0, 1.0, 0.5)
+    plan = plan_search("hybrid", MINI, {"dense": 0, "sparse": 1})
+    assert plan.legs == ("bm25",) and plan.weights == (1.0,)
+    assert any("sparse" in n for n in plan.notes)
+    with pytest.raises(BadRequest):
+        plan_search("dense", ALL, {"dense": 0, "bm25": 1})
+
+
+def test_row_of_writes_only_the_collections_fields() -> None:
+    v = vector("a", "some text", section="Guide › Setup", source="cms")
+    row = row_of(v, with_sparse=False)
+    assert row["section"] == "Guide › Setup" and row["source"] == "cms"
+    assert row["fetched_ms"] == 1767225600000  # 2026-01-01T00:00:00Z
+    old = row_of(v, False, {"id", "doc_id", "chunk_index", "url", "title", "text", "dense"})
+    assert set(old) == {"id", "doc_id", "chunk_index", "url", "title", "text", "dense"}
+
+
+# --- on Milvus Lite ---------------------------------------------------------------------------
+
+
+def vector(
+    name: str,
+    text: str,
+    *,
+    dense: np.ndarray | None = None,
+    sparse: Sparse | None = None,
+    section: str | None = None,
+    source: str | None = None,
+    fetched_at: str = "2026-01-01T00:00:00.000Z",
+    url: str | None = None,
+) -> Vector:
+    u = normalize_url(url or f"http://docs.example.org/{name}")
+    chunk = Chunk(
+        op="upsert",
+        doc_id=doc_id(u),
+        url=u,
+        chunk_count=1,
+        chunk_index=0,
+        text=text,
+        text_hash=text_hash(text),
+        doc_hash=text_hash(name),
+        fetched_at=fetched_at,
+        title=name,
+        section=section,
+        source=source,
+    )
+    d = np.ones(4, "float32") if dense is None else dense
+    return Vector(chunk=chunk, model="test", dim=len(d), dense=d, sparse=sparse)
+
+
+def release_lite() -> None:
+    """Milvus Lite serves one data path per process: let the next test's client open it."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_all()
+
+
+StoreOf = Callable[[str], MilvusStore]
+
+
+@pytest.fixture
+def store_of(tmp_path: Path) -> Iterator[StoreOf]:
+    opened: list[MilvusStore] = []
+
+    def make(collection: str) -> MilvusStore:
+        s = Settings(home=tmp_path / "home", collection=collection)
+        store = MilvusStore(s)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+    release_lite()
+
+
+def rng_unit(rng: np.random.Generator, dim: int) -> np.ndarray:
+    v = rng.standard_normal(dim).astype("float32")
+    return v / np.linalg.norm(v)
+
+
+@pytest.mark.slow
+def test_bge_m3_shaped_collection_runs_every_leg(store_of: StoreOf) -> None:
+    """dense 1024 + learned sparse + bm25: hybrid fuses three legs; each mode finds the
+    row its own query vector points at."""
+    rng = np.random.default_rng(7)
+    store = store_of("m3")
+    vecs = []
+    for n in range(30):
+        idx = sorted(rng.choice(5000, size=12, replace=False).tolist())
+        sp = Sparse(indices=idx, values=rng.random(12).astype("float32") + 0.01)
+        vecs.append(vector(f"p{n}", f"page {n} word{n}", dense=rng_unit(rng, 1024), sparse=sp))
+    store.write(reduce_window(vecs))
+    assert store.legs() == {"dense", "sparse", "bm25"}
+    target = vecs[3]
+    assert target.sparse is not None and target.dense is not None
+    q_sparse = target.sparse.as_dict()
+    q_dense = rng_unit(rng, 1024)  # unrelated: the sparse and bm25 legs must carry it
+    modes: tuple[SearchMode, ...] = ("sparse", "bm25", "hybrid")
+    for mode in modes:
+        hits = store.search(q_dense, 5, text="word3", sparse=q_sparse, mode=mode)
+        assert hits[0].url == target.chunk.url, (mode, store.plan(mode), hits)
+        assert all(h.score > 0 for h in hits), hits
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert store.plan("hybrid").legs == ("dense", "sparse", "bm25")
+    weighted = store.search(
+        target.dense, 3, text="word9", sparse=q_sparse, weights={"dense": 1, "sparse": 0, "bm25": 0}
+    )
+    assert weighted[0].url == target.chunk.url  # only the dense leg ran
+    dense = store.search(target.dense, 3, mode="dense")
+    assert dense[0].url == target.chunk.url and math.isclose(dense[0].score, 1.0, abs_tol=1e-3)
+
+
+MARCH = "2026-03-01T00:00:00Z"
+
+
+@pytest.mark.slow
+def test_filters_on_milvus(store_of: StoreOf) -> None:
+    """url_prefix literally (``_`` and ``%`` are not wildcards), source, since; a hostile
+    prefix matches nothing instead of everything."""
+    store = store_of("filters")
+    rows = [
+        vector("a", "alpha", url="http://e.org/a_b/1", source="cms"),
+        vector("b", "alpha", url="http://e.org/axb/2", source="cli"),
+        vector("c", "alpha", url="http://e.org/100%25/3", source="cms", fetched_at=MARCH),
+        vector("d", "alpha", url="http://e.org/100x/4", source='we"ird'),
+    ]  # fmt: skip
+    store.write(reduce_window(rows))
+
+    def urls(**kw: Any) -> set[str]:
+        hits = store.search(np.ones(4, "float32"), 10, text="alpha", filters=Filters(**kw))
+        return {h.url.rsplit("/", 1)[-1] for h in hits}
+
+    assert urls() == {"1", "2", "3", "4"}
+    assert urls(url_prefix="http://e.org/a_b") == {"1"}
+    assert urls(url_prefix="http://e.org/100%") == {"3"}
+    assert urls(url_prefix="http://e.org/") == {"1", "2", "3", "4"}
+    assert urls(url_prefix='a" or 1==1 or "') == set()
+    assert urls(url_prefix='http://e.org/" or url like "%') == set()
+    assert urls(source="cms") == {"1", "3"}
+    assert urls(source='we"ird') == {"4"}
+    assert urls(source='cms" or source != "') == set()
+    assert urls(since_ms=1772323200000) == {"3"}  # 2026-03-01
+    assert urls(source="cms", url_prefix="http://e.org/a") == {"1"}
+
+
+def old_collection(store: MilvusStore, dim: int) -> None:
+    """A collection exactly as ragstream created it before hybrid search."""
+    from pymilvus import DataType
+
+    c = store.client
+    schema = c.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+    schema.add_field("doc_id", DataType.VARCHAR, max_length=32)
+    schema.add_field("chunk_index", DataType.INT64)
+    schema.add_field("url", DataType.VARCHAR, max_length=2048)
+    schema.add_field("title", DataType.VARCHAR, max_length=512)
+    schema.add_field("text", DataType.VARCHAR, max_length=65535)
+    schema.add_field("text_hash", DataType.VARCHAR, max_length=64)
+    schema.add_field("doc_hash", DataType.VARCHAR, max_length=64)
+    schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dim)
+    index = c.prepare_index_params()
+    index.add_index("dense", index_type="AUTOINDEX", metric_type="COSINE")
+    c.create_collection(store.name, schema=schema, index_params=index, description="test")
+
+
+@pytest.mark.slow
+def test_an_older_collection_is_written_and_searched(store_of: StoreOf) -> None:
+    """A collection without section/source/fetched_ms/bm25: the writer writes the fields it
+    has, every mode falls back to dense with a note, a filter on a missing field says so."""
+    store = store_of("old")
+    old_collection(store, 4)
+    store.close()
+    release_lite()
+    store = store_of("old")
+    rows = [vector(f"o{n}", f"old {n}", dense=np.eye(4, dtype="float32")[n]) for n in range(4)]
+    result = store.write(reduce_window(rows))
+    assert result.upserted == 4 and not result.refused_rows
+    assert store.legs() == {"dense"}
+    modes: tuple[SearchMode, ...] = ("hybrid", "bm25", "sparse")
+    for mode in modes:
+        plan = store.plan(mode)
+        assert plan.legs == ("dense",) and "older ragstream" in " ".join(plan.notes), plan
+        hits = store.search(np.eye(4, dtype="float32")[2], 2, text="old", mode=mode)
+        assert hits[0].url == rows[2].chunk.url and hits[0].section == ""
+    assert store.search(np.eye(4, dtype="float32")[1], 1, filters=Filters(url_prefix="http://"))
+    with pytest.raises(BadRequest, match="no source field"):
+        store.search(np.ones(4, "float32"), 1, filters=Filters(source="cms"))
+    with pytest.raises(BadRequest, match="no fetched_ms field"):
+        store.search(np.ones(4, "float32"), 1, filters=Filters(since_ms=0))
