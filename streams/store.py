@@ -1,8 +1,10 @@
 """The Milvus sink: one bulk upsert (plus one trim delete) per window, and search.
 
 Primary keys are deterministic chunk ids, so writing a window twice (a redelivery after
-a crash) leaves Milvus as if it was written once. Milvus Lite allows one process per data
-path: only the writer stage opens it while a pipeline runs (see docs/decisions.md).
+a crash) leaves Milvus as if it was written once. Milvus Lite opened embedded allows one
+process per data directory: while a worker writes, it serves the directory and every
+process connects to the served address (``streams.milvus_lite.connect_uri``, see
+docs/decisions.md).
 
 What the writer may never do is stop on one message, or move a page backwards:
 
@@ -33,6 +35,7 @@ import numpy as np
 from streams.errors import BadRequest, SchemaMismatch, StoreUnavailable
 from streams.ids import chunk_id, is_doc_id
 from streams.messages import Vector
+from streams.milvus_lite import connect_uri
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -623,21 +626,21 @@ class MilvusStore:
         _let_pymilvus_import()
         from pymilvus import MilvusClient
 
-        self.uri = settings.milvus_target
+        self.uri = connect_uri(settings)  # served while a worker runs (streams/milvus_lite.py)
         self.name = settings.collection
         self.docs_name = settings.collection + DOCS_SUFFIX
         self.timeout = settings.write_timeout_s
         if settings.milvus_is_lite:
-            Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
+            Path(settings.milvus_target).parent.mkdir(parents=True, exist_ok=True)
         try:
             self.client = MilvusClient(self.uri, token=settings.milvus_token or "")
         except Exception as exc:
             hint = ""
-            if settings.milvus_is_lite:
+            if settings.milvus_is_lite and self.uri == settings.milvus_target:
                 hint = (
-                    " (Milvus Lite allows one process per file: is a ragstream worker with the "
-                    "write stage running on it? Stop it, or serve the file with `milvus-lite "
-                    "server` and set MILVUS_URI to that server)"
+                    " (Milvus Lite opened embedded allows one process per directory and "
+                    "another has it open: a `ragstream search`, a notebook? A running worker "
+                    "serves it to every process, as does `ragstream milvus up`)"
                 )
             raise StoreUnavailable(f"cannot open Milvus at {self.uri}: {exc}{hint}") from exc
         self.dim: int | None = None

@@ -27,6 +27,7 @@ from streams.settings import Settings, get_settings
 
 COMMANDS = [
     "ragstream.cli.kafka",
+    "ragstream.cli.milvus",
     "ragstream.cli.publish",
     "ragstream.cli.worker",
     "ragstream.cli.search",

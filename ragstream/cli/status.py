@@ -1,4 +1,5 @@
-"""``ragstream status``: each stage's progress and dead letters, from Kafka alone."""
+"""``ragstream status``: each stage's progress and dead letters, from Kafka alone; and
+where Milvus is reached (the address for your own pymilvus client)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import asyncio
 from typing import Any
 
-from ops.status import pipeline_status
+from ops.status import MilvusWhere, pipeline_status
 from streams import kafka
 from streams.settings import Settings
 
@@ -28,4 +29,19 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             f"{settings.group(lag.stage)}"
         )
     print("dead letters: " + ", ".join(f"{t} {n}" for t, n in status.dead.items()))
+    print(f"milvus: {milvus_line(status.milvus)}")
     return 0
+
+
+def milvus_line(where: MilvusWhere) -> str:
+    if where.served is not None:
+        return (
+            f"{where.uri} (Milvus Lite {where.lite_dir} served by pid {where.served.pid}; "
+            "connect any pymilvus client there)"
+        )
+    if where.lite_dir is not None:
+        return (
+            f"{where.uri} (Milvus Lite, not served: one process at a time opens it; a worker "
+            "with the write stage, or `ragstream milvus up`, serves it to many)"
+        )
+    return where.uri
