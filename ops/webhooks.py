@@ -8,8 +8,11 @@ may forget the event; anything else (``4xx`` with nothing published, ``503`` wit
 some published) is safe to resend, because re-ingesting a page is idempotent downstream.
 
 Everything is validated before the first message is produced, every URL of the request
-included: a request is published whole or (on ``4xx``) not at all. The process needs no model
-and no Milvus; see docs/webhooks.md.
+included: a request is published whole or (on ``4xx``) not at all. The process starts without a
+model and without Milvus; see docs/webhooks.md.
+
+The same server answers ``GET /v1/search`` (docs/http-api.md): ragstream's HTTP API for
+reading the index, which opens Milvus and loads the model on its first search.
 
 Replays: the generic route's signature covers a timestamp (``"<timestamp>.<body>"``, as
 Stripe and Slack do), refused outside ``webhook_tolerance_s``; both routes remember what they
@@ -44,8 +47,17 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from jsonschema import Draft202012Validator
 
 from ops.publisher import CONNECT_BACKOFF_S, Publisher
+from ops.search import MAX_K, Searcher, check_query
 from streams import kafka
-from streams.errors import BadRequest, DecodeError, KafkaUnavailable, RagstreamError, Rejected
+from streams.errors import (
+    BadRequest,
+    ConfigError,
+    DecodeError,
+    KafkaUnavailable,
+    RagstreamError,
+    Rejected,
+    StoreUnavailable,
+)
 from streams.ids import normalize_url
 from streams.messages import UrlRequest, decode_url, encode_url, schema, utcnow
 from streams.settings import Settings
@@ -628,6 +640,13 @@ class WebhookPublisher(Publisher):
 SETTINGS = web.AppKey("settings", Settings)
 PUBLISHER = web.AppKey("publisher", WebhookPublisher)
 INSECURE = web.AppKey("insecure", bool)
+SEARCHER = web.AppKey("searcher", Searcher)
+SEARCH_SLOTS = web.AppKey("search_slots", asyncio.Semaphore)
+
+#: Searches running at once (each in a thread); more wait their turn. One model answers
+#: them all, one forward pass at a time, so more threads would only queue inside it.
+SEARCH_CONCURRENCY = 4
+SEARCH_PARAMS = ("q", "k", "mode", "weights", "url_prefix", "source", "since")
 
 
 def _json(status: int, **body: Any) -> web.Response:
@@ -783,6 +802,58 @@ async def post_github(request: web.Request) -> web.Response:
     return await _publish_once(request, plan.requests, keys, "github")
 
 
+def search_args(query: Any) -> dict[str, Any]:
+    """``GET /v1/search``'s query string as :meth:`ops.search.Searcher.search` arguments, or
+    ``BadRequest``: an unknown or repeated parameter is refused rather than ignored (a typo
+    such as ``urlprefix`` would otherwise widen the search silently)."""
+    unknown = sorted(set(query) - set(SEARCH_PARAMS))
+    if unknown:
+        raise BadRequest(
+            f"unknown parameter {unknown[0][:40]!r}; known: {', '.join(SEARCH_PARAMS)}"
+        )
+    for name in SEARCH_PARAMS:
+        if len(query.getall(name, [])) > 1:
+            raise BadRequest(f"parameter {name} given more than once")
+    q = query.get("q")
+    if q is None:
+        raise BadRequest("missing parameter q (the query)")
+    raw_k = query.get("k", "5")
+    if not re.fullmatch(r"[0-9]{1,4}", raw_k):
+        raise BadRequest(f"k must be an integer within 1..{MAX_K}, got {raw_k[:20]!r}")
+    args: dict[str, Any] = {"query": q, "k": int(raw_k), "mode": query.get("mode", "hybrid")}
+    for name in ("weights", "url_prefix", "source", "since"):
+        if name in query:
+            args[name] = query[name]
+    check_query(args["query"], args["k"])
+    return args
+
+
+async def get_search(request: web.Request) -> web.Response:
+    """``GET /v1/search``: the same search as ``ragstream search --json`` and
+    ``ragstream.Index``, run in a worker thread (encoding blocks) at most
+    ``SEARCH_CONCURRENCY`` at a time. 400: bad parameters; 503: Milvus cannot be reached or
+    nothing is indexed yet (try later); 500: the model does not fit the collection."""
+    args = search_args(request.query)
+    searcher = request.app[SEARCHER]
+    try:
+        async with request.app[SEARCH_SLOTS]:
+            result = await asyncio.to_thread(searcher.search, **args)
+    except (BadRequest, ValueError) as exc:  # InvalidTime (since) is a ValueError too
+        return _json(400, error=str(exc))
+    except StoreUnavailable as exc:
+        log.warning("503 for a search: %s", exc)
+        return _json(503, error=str(exc))
+    except ConfigError as exc:
+        log.error("search: %s", exc)
+        return _json(500, error=str(exc))
+    except RagstreamError as exc:  # nothing indexed yet
+        return _json(503, error=str(exc))
+    except Exception:
+        log.exception("search failed")
+        return _json(500, error="internal error (logged by the server)")
+    return _json(200, **result.as_json())
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _json(200, alive=True)
 
@@ -794,8 +865,18 @@ async def readyz(request: web.Request) -> web.Response:
     return _json(200, ready=True)
 
 
-def create_app(settings: Settings, *, insecure_no_signature: bool = False) -> web.Application:
+def create_app(
+    settings: Settings,
+    *,
+    insecure_no_signature: bool = False,
+    search: bool = True,
+    searcher: Searcher | None = None,
+) -> web.Application:
     """The aiohttp application; its Kafka producer starts and stops with it.
+
+    With ``search``, ``GET /v1/search`` too, answered by ``searcher`` (default: one made
+    from ``settings``, which opens Milvus and loads the model on the first search, so the
+    server starts without either).
 
     Refuses (``RagstreamError``) when ``webhook_secret`` is empty unless
     ``insecure_no_signature``: an unsigned endpoint lets anyone on the network fill the index.
@@ -818,7 +899,16 @@ def create_app(settings: Settings, *, insecure_no_signature: bool = False) -> we
     app.router.add_post("/v1/github", post_github)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if search:
+        app[SEARCHER] = searcher or Searcher(settings)
+        app[SEARCH_SLOTS] = asyncio.Semaphore(SEARCH_CONCURRENCY)
+        app.router.add_get("/v1/search", get_search)
+        app.on_cleanup.append(_close_searcher)
     return app
+
+
+async def _close_searcher(app: web.Application) -> None:
+    await asyncio.to_thread(app[SEARCHER].close)
 
 
 async def _kafka_lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -674,6 +674,11 @@ class MilvusStore:
             self._read_schema()
         self._recheck = False
 
+    def refresh(self) -> None:
+        """Read the collection's schema again: a long-lived reader (the search API) that
+        opened before the first window was written finds the collection once it exists."""
+        self._reload()
+
     def ensure_collection(self, model: str, dim: int, sparse: bool) -> None:
         if self.dim is not None:
             if dim != self.dim:
@@ -932,6 +937,7 @@ class MilvusStore:
         mode: SearchMode = "hybrid",
         weights: Mapping[str, float] | None = None,
         filters: Filters | None = None,
+        plan: SearchPlan | None = None,
     ) -> list[Hit]:
         """The ``k`` best chunks, best first (``[]`` when the collection does not exist).
 
@@ -940,14 +946,16 @@ class MilvusStore:
         ``hybrid`` fuses every leg the collection and the inputs allow; without ``text``
         and ``sparse`` it is a dense search, as before hybrid search existed. ``weights``
         (leg -> 0..1) fuse with Milvus' ``WeightedRanker``, else ``RRFRanker(60)``. A leg the
-        collection lacks falls back as :meth:`plan` says (notes are logged); a filter on a
-        field it lacks is ``BadRequest``. Milvus away: ``StoreUnavailable``.
+        collection lacks falls back as :meth:`plan` says: its notes are logged, unless the
+        caller passes the ``plan`` it made (and shows its notes itself). A filter on a field
+        the collection lacks is ``BadRequest``. Milvus away: ``StoreUnavailable``.
         """
         if self.dim is None:
             return []
-        plan = self.plan(mode, weights, text=bool(text), sparse=bool(sparse))
-        for note in plan.notes:
-            log.warning("search: %s", note)
+        if plan is None:
+            plan = self.plan(mode, weights, text=bool(text), sparse=bool(sparse))
+            for note in plan.notes:
+                log.warning("search: %s", note)
         lacking = [f for f in (filters.fields() if filters else []) if f not in self.fields]
         if lacking:
             raise BadRequest(

@@ -169,15 +169,17 @@ def _calls(path: Path, name: str) -> list[int]:
 
 
 def test_only_main_reads_the_environment() -> None:
-    """The libraries and the verbs take settings; get_settings() is called in main() only."""
+    """The libraries and the verbs take settings; get_settings() is called in main() only,
+    and in ``ragstream.Index`` (the Python API: a RAG application's process starts there)."""
     readers = {
         str(p.relative_to(ROOT)): lines
         for folder in ("ragstream", "ops", "devtools")
         for p in sorted((ROOT / folder).rglob("*.py"))
         if (lines := _calls(p, "get_settings"))
     }
-    assert list(readers) == ["ragstream/cli/__init__.py"]
+    assert list(readers) == ["ragstream/__init__.py", "ragstream/cli/__init__.py"]
     assert len(readers["ragstream/cli/__init__.py"]) == 1
+    assert len(readers["ragstream/__init__.py"]) == 1
 
 
 def test_the_demo_hands_its_own_settings_to_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,6 +5,7 @@ falls back, and the CLI, the Python API and the HTTP route return the same hits.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -362,3 +363,221 @@ def test_an_older_collection_is_written_and_searched(store_of: StoreOf) -> None:
         store.search(np.ones(4, "float32"), 1, filters=Filters(source="cms"))
     with pytest.raises(BadRequest, match="no fetched_ms field"):
         store.search(np.ones(4, "float32"), 1, filters=Filters(since_ms=0))
+
+
+# --- with the real MiniLM model: BM25, hybrid, and the three front doors agree -----------------
+
+TARGET = "settings-index"
+CORPUS = {
+    TARGET: "Settings reference, part 7: DEFAULT_CHARSET, CSRF_COOKIE_SECURE, DATE_FORMAT, "
+    "EMAIL_HOST, FIRST_DAY_OF_WEEK, LANGUAGE_CODE and MEDIA_ROOT are listed below.",
+    "csrf-https": "To protect against cross-site request forgery, mark the CSRF cookie as secure "
+    "so that browsers only send it over HTTPS connections.",
+    "session-secure": "Set SESSION_COOKIE_SECURE to send the session cookie over HTTPS only.",
+    "csrf-httponly": "CSRF_COOKIE_HTTPONLY keeps JavaScript from reading the CSRF cookie.",
+    "csrf-middleware": "The CSRF middleware checks a secret token in each POST request against "
+    "the CSRF cookie.",
+    "files": "Reading a file: open it with a context manager and iterate over its lines.",
+    "templates": "Templates render context variables; filters change how a value is shown.",
+    "models": "A model is the single, definitive source of information about your data.",
+}
+SECTIONS = {name: f"Docs › {name.replace('-', ' ').title()}" for name in CORPUS}
+
+
+@pytest.fixture
+def minilm_index(unit_settings: Settings) -> Iterator[Settings]:
+    """The corpus above embedded with MiniLM and written through MilvusStore (Lite, embedded
+    in this process); the settings to search it with."""
+    from streams.embedder import Embedder
+
+    settings = unit_settings.model_copy(update={"collection": "minilm"})
+    embedder = Embedder(settings)
+    names = list(CORPUS)
+    enc = embedder.encode([CORPUS[n] for n in names])
+    vecs = [
+        dataclasses.replace(
+            vector(
+                n,
+                CORPUS[n],
+                dense=enc.dense[i],
+                section=SECTIONS[n],
+                source="cms" if i % 2 else "cli",
+            ),
+            model=embedder.name,
+        )
+        for i, n in enumerate(names)
+    ]
+    store = MilvusStore(settings)
+    try:
+        store.write(reduce_window(vecs))
+        assert store.count() == len(CORPUS)
+    finally:
+        store.close()
+    yield settings
+    release_lite()
+
+
+def name_of(url: str) -> str:
+    return url.rsplit("/", 1)[-1]
+
+
+@pytest.mark.slow
+def test_bm25_finds_an_identifier_that_dense_ranks_lower(minilm_index: Settings) -> None:
+    from ops.search import Searcher
+
+    with Searcher(minilm_index) as searcher:
+        bm25 = searcher.search("CSRF_COOKIE_SECURE", 5, mode="bm25")
+        dense = searcher.search("CSRF_COOKIE_SECURE", 5, mode="dense")
+        hybrid = searcher.search("CSRF_COOKIE_SECURE", 5)
+        ranked = {mode: [name_of(h.url) for h in r.hits] for mode, r in
+                  (("bm25", bm25), ("dense", dense), ("hybrid", hybrid))}  # fmt: skip
+        assert bm25.legs == ("bm25",) and hybrid.legs == ("dense", "bm25"), ranked
+        assert ranked["bm25"] == [TARGET], ranked  # the only chunk with that token
+        assert ranked["dense"][0] != TARGET, ranked
+        assert ranked["hybrid"].index(TARGET) < ranked["dense"].index(TARGET)
+        assert bm25.hits[0].section == SECTIONS[TARGET] and bm25.hits[0].score > 0
+        # a question in words: dense (and hybrid) find the meaning
+        words = searcher.search("how do I read a file line by line", 3)
+        assert name_of(words.hits[0].url) == "files", words
+        # filters through the whole path
+        only = searcher.search(
+            "cookie", 10, mode="bm25", url_prefix="http://docs.example.org/csrf-"
+        )
+        assert {name_of(h.url) for h in only.hits} == {
+            "csrf-https",
+            "csrf-httponly",
+            "csrf-middleware",
+        }
+        cms = searcher.search("cookie", 10, source="cms")
+        assert cms.hits and all(CORPUS_SOURCE[name_of(h.url)] == "cms" for h in cms.hits)
+        assert not searcher.search("cookie", 10, since="1h").hits  # fetched 2026-01-01
+        assert len(searcher.search("cookie", 10, since="2025-12-31").hits) == 8
+
+
+CORPUS_SOURCE = {n: "cms" if i % 2 else "cli" for i, n in enumerate(CORPUS)}
+QUERIES = [("secure cookie over https", "hybrid"), ("CSRF_COOKIE_SECURE", "bm25"),
+           ("csrf token", "dense")]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_cli_api_and_http_return_the_same_hits(
+    minilm_index: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+
+    import orjson
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from ops.webhooks import create_app
+    from ragstream import Index
+    from ragstream.cli import main
+
+    for name, value in (("RAGSTREAM_HOME", str(minilm_index.home)), ("MILVUS_URI", ""),
+                        ("RAGSTREAM_MODEL", minilm_index.model),
+                        ("RAGSTREAM_COLLECTION", minilm_index.collection)):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RAGSTREAM_BROKER", minilm_index.broker)
+
+    cli: dict[tuple[str, str], list[str]] = {}
+    for q, mode in QUERIES:
+        assert main(["search", q, "-k", "4", "--mode", mode, "--json"]) == 0
+        out = orjson.loads(capsys.readouterr().out)
+        assert out["mode"] == mode and set(out["hits"][0]) >= {
+            "id", "score", "url", "title", "section", "text", "chunk_index"}  # fmt: skip
+        cli[(q, mode)] = [h["id"] for h in out["hits"]]
+
+    with Index() as index:  # settings from the environment
+        api = {(q, m): [h.id for h in index.search(q, k=4, mode=m)] for q, m in QUERIES}
+
+    async def over_http() -> dict[tuple[str, str], list[str]]:
+        app = create_app(minilm_index, insecure_no_signature=True)
+        out = {}
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            for q, mode in QUERIES:
+                resp = await client.get("/v1/search", params={"q": q, "k": "4", "mode": mode})
+                assert resp.status == 200, await resp.text()
+                out[(q, mode)] = [h["id"] for h in (await resp.json())["hits"]]
+        return out
+
+    http = asyncio.run(over_http())
+    assert cli == api == http, (cli, api, http)
+    assert all(len(ids) == 4 for (_, m), ids in cli.items() if m != "bm25")
+
+
+# --- the HTTP route's hardening (no model, no Milvus: the fast tier) ---------------------------
+
+
+def test_search_args_refuse_what_they_do_not_know() -> None:
+    from multidict import MultiDict
+
+    from ops.search import MAX_K, MAX_QUERY_CHARS
+    from ops.webhooks import search_args
+
+    ok = search_args(MultiDict(q="x", k="7", mode="bm25", url_prefix="http://a/", since="2h"))
+    assert ok == {"query": "x", "k": 7, "mode": "bm25", "url_prefix": "http://a/", "since": "2h"}
+    assert search_args(MultiDict(q="x"))["k"] == 5
+    for bad in (
+        MultiDict(),
+        MultiDict(q=""),
+        MultiDict(q="   "),
+        MultiDict(q="x" * (MAX_QUERY_CHARS + 1)),
+        MultiDict(q="x", k="0"),
+        MultiDict(q="x", k=str(MAX_K + 1)),
+        MultiDict(q="x", k="-1"),
+        MultiDict(q="x", k="1e3"),
+        MultiDict(q="x", urlprefix="a"),
+        MultiDict([("q", "x"), ("q", "y")]),
+        MultiDict([("q", "x"), ("source", "a"), ("source", "b")]),
+    ):
+        with pytest.raises(BadRequest):
+            search_args(bad)
+
+
+async def _get(settings: Settings, params: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from ops.webhooks import create_app
+
+    app = create_app(settings, insecure_no_signature=True)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        resp = await client.get("/v1/search", params=params)
+        assert resp.content_type == "application/json"
+        return resp.status, await resp.json()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"q": "x", "k": "101"},
+        {"q": "x", "k": "many"},
+        {"q": "x", "mode": "lexical"},
+        {"q": "x", "weights": "dense=2"},
+        {"q": "x", "since": "yesterday"},
+        {"q": "x", "url_prefix": "a\nb"},
+        {"q": "x", "limit": "5"},
+        {"q": "x" * 5000},
+    ],
+)
+def test_bad_search_parameters_are_400_json(
+    unit_settings: Settings, params: dict[str, str]
+) -> None:
+    """Refused before Milvus or the model is touched: ``MILVUS_URI`` points nowhere."""
+    import asyncio
+
+    settings = unit_settings.model_copy(update={"milvus_uri": "http://127.0.0.1:9"})
+    status, body = asyncio.run(_get(settings, params))
+    assert status == 400, body
+    assert body["error"]
+
+
+def test_milvus_away_is_503_and_the_server_starts_without_a_model(unit_settings: Settings) -> None:
+    import asyncio
+
+    # no model at that path: the app is made and answers without loading one
+    settings = unit_settings.model_copy(
+        update={"milvus_uri": "http://127.0.0.1:9", "model": "/nonexistent/model"}
+    )
+    status, body = asyncio.run(_get(settings, {"q": "anything"}))
+    assert status == 503, body
+    assert "cannot open Milvus" in body["error"]

@@ -110,7 +110,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     if snap.dead:
         console.print(f"[yellow]Dead letters:[/] {snap.dead} (see `ragstream dlq list`)")
     console.print(f"\n[bold]Search:[/] {args.query!r}")
-    for i, hit in enumerate(search(settings, args.query, 5), 1):
+    for i, hit in enumerate(search(settings, args.query, 5).hits, 1):
         print(format_hit(i, hit))
     if result.started_broker and not args.keep_broker:
         kafka_local.down(settings)

@@ -1,7 +1,9 @@
-"""``ragstream webhooks``: the HTTP server that turns signed webhooks into ``urls`` messages.
+"""``ragstream webhooks``: the HTTP server that turns signed webhooks into ``urls`` messages,
+and answers searches (``GET /v1/search``).
 
 A process of its own rather than routes on a stage's web server: it scales and restarts
-independently of the stages and needs no model (docs/webhooks.md).
+independently of the stages and starts without a model, which the first search loads
+(docs/webhooks.md, docs/http-api.md).
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ log = logging.getLogger(__name__)
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "webhooks",
-        help="serve POST /v1/urls and /v1/github: signed webhooks onto the urls topic",
+        help="serve POST /v1/urls and /v1/github (signed webhooks onto the urls topic) and "
+        "GET /v1/search",
         description="Serve the webhook routes (POST /v1/urls, POST /v1/github, GET /healthz, "
-        "GET /readyz); a request is answered 202 once Kafka acknowledged its messages, a "
+        "GET /readyz) and the search route (GET /v1/search?q=...&k=5&mode=hybrid, unsigned: "
+        "read-only; --no-search leaves it out); a webhook is answered 202 once Kafka "
+        "acknowledged its messages, a "
         "repeated delivery 200 {duplicate: true}. /v1/urls signs '<timestamp>.<body>' "
         "(X-Ragstream-Timestamp). Secrets: RAGSTREAM_WEBHOOK_SECRET, RAGSTREAM_GITHUB_SECRET.",
     )
@@ -35,11 +40,18 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="accept unsigned requests on routes whose secret is empty (local testing only)",
     )
+    p.add_argument(
+        "--no-search",
+        action="store_true",
+        help="leave out GET /v1/search (it answers anyone who can reach the port)",
+    )
     p.set_defaults(func=cmd_webhooks)
 
 
 def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
-    app = create_app(settings, insecure_no_signature=args.insecure_no_signature)
+    app = create_app(
+        settings, insecure_no_signature=args.insecure_no_signature, search=not args.no_search
+    )
     if args.insecure_no_signature and not settings.webhook_secret:
         log.warning("accepting UNSIGNED requests on /v1/urls (--insecure-no-signature)")
     try:
