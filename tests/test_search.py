@@ -581,3 +581,55 @@ def test_milvus_away_is_503_and_the_server_starts_without_a_model(unit_settings:
     status, body = asyncio.run(_get(settings, {"q": "anything"}))
     assert status == 503, body
     assert "cannot open Milvus" in body["error"]
+
+
+@pytest.mark.slow
+def test_cli_hybrid_on_a_bge_m3_shaped_model(
+    random_m3: Path,
+    unit_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The whole way with a model of BGE-M3's shape (random weights): the embedder gives
+    dense 1024 + learned sparse, the writer makes a collection with all three legs, and
+    ``ragstream search --mode hybrid`` encodes the query with the same model and fuses them.
+    With random weights only the lexical legs mean anything, so the query is a page's own
+    text: its learned-sparse and bm25 legs rank it first whatever the dense leg says."""
+    import orjson
+
+    from ragstream.cli import main
+    from streams.embedder import Embedder
+
+    settings = unit_settings.model_copy(update={"model": str(random_m3), "collection": "m3"})
+    embedder = Embedder(settings)
+    names = list(CORPUS)
+    enc = embedder.encode([CORPUS[n] for n in names])
+    assert enc.sparse is not None and enc.dense.shape[1] == 1024
+    vecs = [
+        dataclasses.replace(
+            vector(n, CORPUS[n], dense=enc.dense[i],
+                   sparse=Sparse(list(enc.sparse[i]), np.array(list(enc.sparse[i].values()),
+                                                               dtype="float32"))),
+            model=embedder.name,
+        )
+        for i, n in enumerate(names)
+    ]  # fmt: skip
+    store = MilvusStore(settings)
+    try:
+        store.write(reduce_window(vecs))
+        assert store.legs() == {"dense", "sparse", "bm25"}
+    finally:
+        store.close()
+    release_lite()
+    for name, value in (("RAGSTREAM_HOME", str(settings.home)), ("MILVUS_URI", ""),
+                        ("RAGSTREAM_MODEL", settings.model),
+                        ("RAGSTREAM_COLLECTION", settings.collection),
+                        ("RAGSTREAM_BROKER", settings.broker)):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    query = CORPUS[TARGET]
+    for mode, legs in (("hybrid", ["dense", "sparse", "bm25"]), ("sparse", ["sparse"])):
+        assert main(["search", query, "-k", "3", "--mode", mode, "--json"]) == 0
+        out = orjson.loads(capsys.readouterr().out)
+        assert out["legs"] == legs, out
+        assert name_of(out["hits"][0]["url"]) == TARGET, out
+    release_lite()
