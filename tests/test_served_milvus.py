@@ -86,6 +86,9 @@ def test_garbage_in_the_file_is_ignored(unit_settings: Settings, lite: Path) -> 
 def test_served_address_then_back_to_embedded_after_a_clean_stop(
     unit_settings: Settings, lite: Path
 ) -> None:
+    from ops.status import milvus_where
+    from ragstream.cli.status import milvus_line
+
     server = ml.LiteServer(lite)
     try:
         uri = _served(server)
@@ -93,10 +96,14 @@ def test_served_address_then_back_to_embedded_after_a_clean_stop(
         assert ml.connect_uri(unit_settings) == uri
         info = ml.read_server_file(lite)
         assert info is not None and info.data_dir == str(lite) and info.uri == uri
+        where = milvus_where(unit_settings)
+        assert where.served == info and milvus_line(where).startswith(f"{uri} (Milvus Lite")
     finally:
         server.stop()
     assert not ml.server_file(lite).exists()
     assert ml.connect_uri(unit_settings) == str(lite)
+    where = milvus_where(unit_settings)
+    assert where.served is None and milvus_line(where).startswith(f"{lite} (Milvus Lite, not")
 
 
 def test_a_server_of_another_directory_does_not_count(
@@ -200,7 +207,6 @@ def test_search_and_a_pymilvus_client_read_while_the_worker_writes(
 
     from devtools.corpus import CorpusServer, corpus_files, subset
     from ops.search import search
-    from ops.status import milvus_where
     from tests.helpers import Worker, baseline, milvus_rows, publish_urls, wait_for
 
     assert settings.milvus_is_lite and not settings.milvus_uri
@@ -223,6 +229,8 @@ def test_search_and_a_pymilvus_client_read_while_the_worker_writes(
             hits = getattr(result, "hits", result)  # a SearchResult, or the hits (older API)
             search_s = time.monotonic() - t0
             assert hits and "knurled knob" in hits[0].text, hits
+            from ops.status import milvus_where  # after the search: the property comes first
+
             where = milvus_where(settings)
             assert where.served is not None and where.uri.startswith("http://127.0.0.1:")
             client = MilvusClient(where.uri)
