@@ -1,5 +1,7 @@
 """``python -m bench``: bare model, naive loop and pipeline on the same pages, one run.
 
+``python -m bench quality ...`` measures retrieval quality instead (``bench.quality``).
+
 Order: the bare model first (it loads the model once), the naive loop (reusing it), then
 the pipeline in its own processes, after the bench's model is freed. The last line printed
 is one JSON object with every figure (null where not measured).
@@ -36,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Measure the pipeline against the bare model (efficiency) and the naive "
-        "fetch-chunk-embed-insert loop (speed-up) on the Django docs.",
+        "fetch-chunk-embed-insert loop (speed-up) on the Django docs. "
+        "`python -m bench quality --help`: retrieval quality instead.",
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument(
@@ -85,6 +88,11 @@ def bench_settings() -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["quality"]:  # a verb of its own: the speed bench's options stay as they were
+        from bench import quality
+
+        return quality.main(argv[1:])
     args = build_parser().parse_args(argv)
     for name in ("fetchers", "chunk_partitions", "embed_workers"):
         if getattr(args, name) < 1:
