@@ -75,9 +75,13 @@ def stage_of(cmdline: Sequence[str]) -> str | None:
 
     ``python -m agents.supervisor --stage embed`` (a supervisor's child) and ``ragstream
     worker --stages embed`` (a single stage run in place) are that stage; ``--stages`` with
-    several stages is the supervisor; anything else (None) is not ours to label.
+    several stages is the supervisor; the ``milvus-lite server`` a worker runs for the write
+    stage (``streams/milvus_lite.py``) is ``milvus``, the store's own memory beside the
+    stages'; anything else (None) is not ours to label.
     """
     args = list(cmdline)
+    if any(a.endswith("milvus-lite") and b == "server" for a, b in zip(args, args[1:])):
+        return "milvus"  # the console script, run by its interpreter (python .../milvus-lite)
     for flag in ("--stage", "--stages"):
         value = None
         for i, arg in enumerate(args):

@@ -92,6 +92,8 @@ def test_stage_of_command_lines() -> None:
     )
     assert stage_of(["/venv/bin/ragstream", "worker"]) == "supervisor"
     assert stage_of(["java", "-cp", "libs/*", "kafka.Kafka"]) is None
+    lite = ["/venv/bin/milvus-lite", "server", "--data-dir", "/h/milvus.db"]
+    assert stage_of(lite) == stage_of(["/venv/bin/python3.11", *lite]) == "milvus"
 
 
 def test_embed_stats_and_device_from_logs() -> None:

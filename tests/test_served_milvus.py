@@ -226,7 +226,7 @@ def test_search_and_a_pymilvus_client_read_while_the_worker_writes(
             assert snap.dead == {}, snap
             t0 = time.monotonic()
             result = search(settings, "how do I calibrate a widget", 3)
-            hits = getattr(result, "hits", result)  # a SearchResult, or the hits (older API)
+            hits = result.hits
             search_s = time.monotonic() - t0
             assert hits and "knurled knob" in hits[0].text, hits
             from ops.status import milvus_where  # after the search: the property comes first

@@ -53,7 +53,7 @@ exit status:
   0    done
   1    done in part: some input skipped or dead-lettered, no hits, not confirmed
   {EXIT_ERROR}    error: a usage, configuration or input error (one line on stderr)
-  3    publish --wait timed out; kafka status: no broker running
+  3    publish --wait timed out; kafka status: no broker running; milvus status: none served
   {EXIT_UNAVAILABLE}   unavailable: Kafka or Milvus cannot be reached (try again later)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
 """
