@@ -80,7 +80,8 @@ def stage_of(cmdline: Sequence[str]) -> str | None:
     stages'; anything else (None) is not ours to label.
     """
     args = list(cmdline)
-    if any(a.endswith("milvus-lite") and b == "server" for a, b in zip(args, args[1:])):
+    pairs = zip(args, args[1:], strict=False)
+    if any(a.endswith("milvus-lite") and b == "server" for a, b in pairs):
         return "milvus"  # the console script, run by its interpreter (python .../milvus-lite)
     for flag in ("--stage", "--stages"):
         value = None
