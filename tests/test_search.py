@@ -633,3 +633,24 @@ def test_cli_hybrid_on_a_bge_m3_shaped_model(
         assert out["legs"] == legs, out
         assert name_of(out["hits"][0]["url"]) == TARGET, out
     release_lite()
+
+
+@pytest.mark.slow
+def test_weighted_fusion_follows_the_weights(store_of: StoreOf) -> None:
+    """Milvus Lite reports BM25 distances negated; a weighted fusion must still read them
+    as larger-is-better: weighting bm25 up puts its hits first, weighting dense up puts
+    dense's first."""
+    rng = np.random.default_rng(1)
+    store = store_of("weighted")
+    texts = {f"p{i}": " ".join(f"w{rng.integers(0, 40)}" for _ in range(20)) for i in range(40)}
+    texts["p7"] = "zebra zebra zebra quagga " + texts["p7"]
+    texts["p8"] = "zebra " + texts["p8"]
+    store.write(reduce_window([vector(n, t, dense=rng_unit(rng, 8)) for n, t in texts.items()]))
+    q = rng_unit(rng, 8)
+    lexical = [name_of(h.url) for h in store.search(q, 5, text="zebra quagga", mode="bm25")]
+    dense = [name_of(h.url) for h in store.search(q, 5, mode="dense")]
+    assert lexical == ["p7", "p8"] and dense[0] not in lexical
+    to_bm25 = store.search(q, 5, text="zebra quagga", weights={"dense": 0.01, "bm25": 1.0})
+    to_dense = store.search(q, 5, text="zebra quagga", weights={"dense": 1.0, "bm25": 0.01})
+    assert [name_of(h.url) for h in to_bm25][:2] == lexical
+    assert [name_of(h.url) for h in to_dense][:2] == dense[:2]
