@@ -24,6 +24,7 @@ punctuation, else anywhere), and each piece is still an exact substring of the t
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -346,6 +347,36 @@ class Chunker:
             return []
         encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
         return [len(e.ids) for e in encodings]
+
+    def derive(self, *, max_tokens: int, max_chars: int, max_bytes: int) -> Chunker:
+        """This chunker with smaller limits, sharing its tokenizer (no copy: the Rust
+        tokenizer is read-only here). For a chunk body that shares its budget with a
+        heading line; the overlap shrinks with the budget if it must."""
+        if max_tokens > self._max or max_chars > self._max_chars or max_bytes > self._max_bytes:
+            raise ValueError("a derived chunker's limits must be within its parent's")
+        if max_tokens < 1 or max_chars < 16 or max_bytes < 64:
+            raise ValueError(
+                f"max_tokens must be at least 1, max_chars 16 and max_bytes 64, got "
+                f"{max_tokens}, {max_chars} and {max_bytes}"
+            )
+        other = copy.copy(self)
+        other._max = max_tokens
+        other._overlap = min(self._overlap, max_tokens // 2)
+        other._max_chars = max_chars
+        other._max_bytes = max_bytes
+        return other
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        """The longest prefix of ``text`` that ends at a token end and holds at most
+        ``max_tokens`` tokens (``text`` itself when it fits)."""
+        if not text:
+            return text
+        offsets = self._tok.encode(text, add_special_tokens=False).offsets
+        if len(offsets) <= max_tokens:
+            return text
+        if max_tokens <= 0:
+            return ""
+        return text[: offsets[max_tokens - 1][1]]
 
     def chunk(self, text: str) -> list[str]:
         """The chunk texts of ``text``: exact substrings, in order; ``[]`` for blank text."""

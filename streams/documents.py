@@ -5,17 +5,29 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import NotRequired, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 from streams.chunking import Chunker
 from streams.errors import TooManyChunks
-from streams.extract import MAX_DEPTH, MAX_TEXT_CHARS, extract_text
+from streams.extract import MAX_DEPTH, MAX_TEXT_CHARS, Extracted, extract_text
 from streams.ids import doc_id, text_hash
 from streams.messages import Chunk, utcnow
 from streams.settings import Settings
+from streams.structure import chunk_sections
 
 #: Default of ``Settings.chunk_max_per_page`` (a test keeps them equal).
 MAX_CHUNKS_PER_PAGE = 10_000
+
+#: How pages are cut into chunks: ``structured`` (sections, each chunk prefixed by its
+#: heading path; ``streams/structure.py``) or ``flat`` (the text as one stream of tokens, as
+#: before version 2; kept for the quality benchmark).
+ChunkStrategy = Literal["flat", "structured"]
+
+CHUNKER_VERSION = 2
+"""The chunker the fetch stage uses, recorded in each page's state. A page whose state was
+made by another version is re-embedded whole (and fetched without HTTP validators: a 304
+would leave it on the old chunks). 1: flat token windows; 2: structured sections with a
+heading path. Raise it whenever the same page would give other chunk texts."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -36,6 +48,64 @@ class PageLimits:
         )
 
 
+def _extract_and_chunk(
+    url: str,
+    body: bytes,
+    content_type: str | None,
+    chunker: Chunker,
+    strategy: ChunkStrategy,
+    limits: PageLimits,
+) -> tuple[Extracted, list[tuple[str | None, str]]]:
+    """The extracted page and its ``(section, text)`` chunks; refusals as ``PageRefused``."""
+    if strategy not in ("flat", "structured"):
+        raise ValueError(f"unknown chunk strategy {strategy!r}: 'flat' or 'structured'")
+    structured = strategy == "structured"
+    extracted = extract_text(
+        body,
+        content_type,
+        url,
+        max_chars=limits.text_chars,
+        max_depth=limits.depth,
+        structured=structured,
+    )
+    pairs: list[tuple[str | None, str]]
+    if structured:
+        pairs = [
+            (section or None, text)
+            for section, text in chunk_sections(
+                extracted.sections, extracted.title, chunker, max_chunks=limits.chunks
+            )
+        ]
+    else:
+        pairs = [(None, t) for t in chunker.chunk(extracted.text)]
+    if len(pairs) > limits.chunks:
+        raise TooManyChunks(
+            f"the page makes {len(pairs)} chunks, more than the limit {limits.chunks}"
+        )
+    return extracted, pairs
+
+
+def chunk_document(
+    body: bytes | str,
+    content_type: str | None,
+    url: str,
+    chunker: Chunker,
+    strategy: ChunkStrategy = "structured",
+    *,
+    limits: PageLimits = PageLimits(),  # frozen: one shared default is safe
+) -> list[tuple[str | None, str]]:
+    """``(section, text)`` of each chunk of one page, exactly as :func:`page_chunks` cuts
+    it, without Kafka or messages: for the quality benchmark and tests. ``section`` is the
+    heading path (``Page › Section``, ``None`` with ``flat``); ``text`` is what the model
+    embeds. A ``str`` body is read as UTF-8 whatever charset ``content_type`` names.
+    """
+    if isinstance(body, str):
+        mime = (content_type or "").split(";", 1)[0].strip()
+        content_type = f"{mime}; charset=utf-8" if mime else None
+        body = body.encode("utf-8", "surrogatepass")
+    return _extract_and_chunk(url, body, content_type, chunker, strategy, limits)[1]
+
+
 def page_chunks(
     url: str,
     body: bytes,
@@ -45,6 +115,8 @@ def page_chunks(
     version: int | None = None,
     *,
     limits: PageLimits = PageLimits(),  # frozen: one shared default is safe
+    strategy: ChunkStrategy = "structured",
+    source: str | None = None,
 ) -> list[Chunk]:
     """The ``upsert`` chunks of one page.
 
@@ -54,15 +126,10 @@ def page_chunks(
     A page with no text yields no chunks; the caller still sends a trim to count 0 so a
     page that became empty loses its old chunks. ``version`` (see :func:`page_version`)
     lets the writer refuse to replace a newer version of the page with these chunks.
+    ``source`` is the ``urls`` request's, for search filters. ``strategy`` picks the
+    chunker (:data:`ChunkStrategy`); the pipeline uses the default, :data:`CHUNKER_VERSION`.
     """
-    extracted = extract_text(
-        body, content_type, url, max_chars=limits.text_chars, max_depth=limits.depth
-    )
-    texts = chunker.chunk(extracted.text)
-    if len(texts) > limits.chunks:
-        raise TooManyChunks(
-            f"the page makes {len(texts)} chunks, more than the limit {limits.chunks}"
-        )
+    extracted, pairs = _extract_and_chunk(url, body, content_type, chunker, strategy, limits)
     did = doc_id(url)
     when = fetched_at or utcnow()
     dhash = text_hash(extracted.text)
@@ -71,16 +138,18 @@ def page_chunks(
             op="upsert",
             doc_id=did,
             url=url,
-            chunk_count=len(texts),
+            chunk_count=len(pairs),
             chunk_index=i,
             text=t,
             text_hash=text_hash(t),
             doc_hash=dhash,
             fetched_at=when,
             title=extracted.title,
+            section=section,
             version=version,
+            source=source,
         )
-        for i, t in enumerate(texts)
+        for i, (section, t) in enumerate(pairs)
     ]
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import codecs
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
@@ -38,6 +38,7 @@ from streams.errors import (
     TooManyChunks,
     UnsupportedContent,
 )
+from streams.structure import MAX_HEADING_CHARS, Section, md_inline, rst_inline, sections_of
 
 __all__ = [
     "MAX_DEPTH",
@@ -63,11 +64,15 @@ MAX_TITLE_CHARS = 512
 
 @dataclass(frozen=True, slots=True)
 class Extracted:
-    """The text of one page, its title (if any) and how it was read (``html`` or ``text``)."""
+    """The text of one page, its title (if any) and how it was read (``html`` or ``text``);
+    with ``structured=True``, also its sections (``streams.structure``): headings as a path,
+    not as text. ``flavor`` says which parser read it (``html``, ``md``, ``rst``, ``plain``)."""
 
     text: str
     title: str | None
     kind: str
+    sections: tuple[Section, ...] = field(default=(), compare=False)
+    flavor: str = field(default="", compare=False)
 
 
 HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
@@ -258,9 +263,11 @@ def _markdown_title(lines: list[str]) -> str | None:
 def _text_title(text: str, flavor: str) -> str | None:
     lines = text.split("\n")
     if flavor == "md":
-        return _markdown_title(lines) or _first_line(lines, skip_directives=False)
+        heading = _markdown_title(lines)
+        return md_inline(heading) if heading else _first_line(lines, skip_directives=False)
     if flavor == "rst":
-        return _rst_title(lines) or _first_line(lines, skip_directives=True)
+        title = _rst_title(lines)
+        return rst_inline(title) if title else _first_line(lines, skip_directives=True)
     return _first_line(lines, skip_directives=False)
 
 
@@ -510,37 +517,114 @@ class _Writer:
         return "".join(self.parts).strip()
 
 
-def _render(root: LexborNode) -> str:
-    """The visible text of ``root`` with its block structure (iterative: deep DOMs are fine)."""
+_HEADINGS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "h5": 5, "h6": 6}
+
+
+class _SectionWriter:
+    """The same text as :class:`_Writer`, cut at ``h1``-``h6``: each section's body in a
+    writer of its own, each heading's text into the path instead of the body."""
+
+    def __init__(self) -> None:
+        self.sections: list[Section] = []
+        self.path: tuple[str, ...] = ()
+        self.levels: tuple[int, ...] = ()
+        self.body = _Writer()
+        self.head: _Writer | None = None
+        self.level = 0
+
+    @property
+    def current(self) -> _Writer:
+        return self.head if self.head is not None else self.body
+
+    def _flush(self) -> None:
+        body = _BLANK_LINES.sub("\n\n", sanitize(self.body.text())).strip()
+        if body:
+            self.sections.append(Section(self.path, body))
+        self.body = _Writer()
+
+    def open_heading(self, level: int) -> None:
+        self._flush()
+        self.head, self.level = _Writer(), level
+
+    def close_heading(self) -> None:
+        if self.head is None:
+            return
+        text = _clean_title(self.head.text()) or ""
+        keep = 0
+        while keep < len(self.levels) and self.levels[keep] < self.level:
+            keep += 1
+        if text:
+            self.path = (*self.path[:keep], text[:MAX_HEADING_CHARS].rstrip())
+            self.levels = (*self.levels[:keep], self.level)
+        else:
+            self.path, self.levels = self.path[:keep], self.levels[:keep]
+        self.head = None
+
+    def done(self) -> tuple[Section, ...]:
+        self.close_heading()
+        self._flush()
+        if not self.sections and self.path:  # headings only: they are the page's text
+            return (Section((), "\n".join(self.path)),)
+        return tuple(self.sections)
+
+
+def _render(root: LexborNode, sections: _SectionWriter | None = None) -> str:
+    """The visible text of ``root`` with its block structure (iterative: deep DOMs are fine);
+    with ``sections``, the same text cut into sections there too."""
     out = _Writer()
     pre_depth = 0
+    head_depth = 0
     stack: list[tuple[LexborNode, bool]] = [(root, True)]
     while stack:
         node, entering = stack.pop()
         tag = node.tag
+        sec = sections.current if sections is not None else None
         if not entering:
             if tag == "pre":
                 pre_depth -= 1
             if tag in _PARAGRAPH_BLOCKS:
                 out.brk(2)
+                if sec is not None:
+                    sec.brk(2)
             elif tag in _LINE_BLOCKS:
                 out.brk(1)
+                if sec is not None:
+                    sec.brk(1)
+            if sections is not None and tag in _HEADINGS:
+                head_depth -= 1
+                if head_depth == 0:
+                    sections.close_heading()
             continue
         if tag == "-text":
             raw = node.text(deep=False)
             if pre_depth:
                 out.preformatted(raw)
+                if sec is not None:
+                    sec.preformatted(raw)
             else:
                 out.inline(raw)
+                if sec is not None:
+                    sec.inline(raw)
             continue
         if tag is None or tag.startswith("-"):  # comments, doctype
             continue
+        if sections is not None and tag in _HEADINGS:
+            if head_depth == 0:  # a heading inside a heading is part of its text
+                sections.open_heading(_HEADINGS[tag])
+                sec = sections.current
+            head_depth += 1
         if tag in _PARAGRAPH_BLOCKS:
             out.brk(2)
+            if sec is not None:
+                sec.brk(2)
         elif tag in _LINE_BLOCKS:
             out.brk(1)
+            if sec is not None:
+                sec.brk(1)
         elif tag in _CELLS:
             out.inline(" ")
+            if sec is not None:
+                sec.inline(" ")
         if tag == "pre":
             pre_depth += 1
         stack.append((node, False))
@@ -571,7 +655,7 @@ def _deeper_than(root: LexborNode, limit: int) -> bool:
     return False
 
 
-def _extract_html(html: str, max_depth: int = MAX_DEPTH) -> Extracted:
+def _extract_html(html: str, max_depth: int = MAX_DEPTH, structured: bool = False) -> Extracted:
     tree = LexborHTMLParser(html)
     if tree.root is not None and _deeper_than(tree.root, max_depth):
         raise PageTooDeep(f"HTML nests elements more than {max_depth} levels deep")
@@ -581,13 +665,15 @@ def _extract_html(html: str, max_depth: int = MAX_DEPTH) -> Extracted:
     doc_h1 = _clean_title(first_h1.text(deep=True)) if first_h1 is not None else None
     root = _choose_root(tree)
     if root is None:
-        return Extracted(text="", title=title or doc_h1, kind="html")
+        return Extracted(text="", title=title or doc_h1, kind="html", flavor="html")
     _strip_boilerplate(root)
     if title is None:
         h1 = root.css_first("h1")  # the content's own heading beats a logo <h1> in a banner
         title = (_clean_title(h1.text(deep=True)) if h1 is not None else None) or doc_h1
-    text = _BLANK_LINES.sub("\n\n\n", sanitize(_render(root))).strip()
-    return Extracted(text=text, title=title, kind="html")
+    sections = _SectionWriter() if structured else None
+    text = _BLANK_LINES.sub("\n\n\n", sanitize(_render(root, sections))).strip()
+    found = sections.done() if sections is not None else ()
+    return Extracted(text=text, title=title, kind="html", sections=found, flavor="html")
 
 
 # --- dispatch -----------------------------------------------------------------------------
@@ -648,8 +734,10 @@ def extract_text(
     *,
     max_chars: int = MAX_TEXT_CHARS,
     max_depth: int = MAX_DEPTH,
+    structured: bool = False,
 ) -> Extracted:
-    """The indexable text of a fetched body, with its title.
+    """The indexable text of a fetched body, with its title (and with ``structured``, its
+    sections: ``streams.structure``; the text is the same either way).
 
     HTML: the main content only (``<main>``/``[role=main]``/the one ``<article>``, else
     ``<body>``) without navigation, headers, footers, sidebars, scripts or forms, as
@@ -667,12 +755,15 @@ def extract_text(
     kind, flavor = _classify(mime, body, url)
     text = _decode(body, params.get("charset"), is_html=kind == "html")
     if kind == "html":
-        out = _extract_html(text, max_depth)
+        out = _extract_html(text, max_depth, structured)
     else:
         text = normalize_text(text)
-        out = Extracted(text=text, title=_clean_title(_text_title(text, flavor)), kind="text")
+        title = _clean_title(_text_title(text, flavor))
+        out = Extracted(text=text, title=title, kind="text", flavor=flavor)
     if len(out.text) > max_chars:
         raise PageTooLarge(
             f"extracted text has {len(out.text)} characters, more than the limit {max_chars}"
         )
+    if structured and kind != "html":  # after the size check: parse only what is kept
+        out = replace(out, sections=tuple(sections_of(out.text, flavor)))
     return out
