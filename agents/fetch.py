@@ -171,7 +171,10 @@ class FetchStage:
         # Every message is checked before any is sent: a page with one chunk message the
         # broker can never take is a dead letter as a whole, not half an update.
         carry = hop_headers(hops)
-        out = [dataclasses.replace(c, version=version) for c in out]
+        out = [
+            dataclasses.replace(c, version=version, source=req.source if c.op == "upsert" else None)
+            for c in out
+        ]
         encoded = [(c.key(), encode_chunk(c)) for c in out]
         try:
             for key, value in encoded:
@@ -213,10 +216,13 @@ class FetchStage:
         gone_state = DocState(doc_hash="", hashes=(), requested_at=handled_at, version=version)
         if req.delete:
             return [trim(url, 0)], gone_state, False
+        # Validators only for a page chunked by this chunker: after an upgrade a 304 would
+        # leave it on the old chunks (plan_update re-sends every chunk of such a page).
+        validators = prev if prev is not None and prev.current else None
         page = await self.fetcher.fetch(
             url,
-            etag=prev.etag if prev else None,
-            last_modified=prev.last_modified if prev else None,
+            etag=validators.etag if validators else None,
+            last_modified=validators.last_modified if validators else None,
         )
         if page.not_modified:
             keep = dataclasses.replace(prev, requested_at=handled_at) if prev else None

@@ -205,6 +205,7 @@ class DocStateRecord(TypedDict):
     last_modified: str | None
     requested_at: NotRequired[str]
     version: NotRequired[int]
+    chunker_version: NotRequired[int]  # absent in records of chunker version 1
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -220,6 +221,14 @@ class DocState:
     last_modified: str | None = None
     requested_at: str | None = None
     version: int | None = None  # of the last update sent for the page
+    #: The chunker that made ``hashes`` (:data:`CHUNKER_VERSION`); another one means the
+    #: page is re-fetched without validators and re-embedded whole.
+    chunker_version: int = CHUNKER_VERSION
+
+    @property
+    def current(self) -> bool:
+        """Whether this page was chunked by the chunker of this code."""
+        return self.chunker_version == CHUNKER_VERSION
 
     def capped(self) -> DocState:
         """Within the caps above: a state record must always fit its topic's limit."""
@@ -244,6 +253,7 @@ class DocState:
             out["requested_at"] = self.requested_at
         if self.version is not None:
             out["version"] = self.version
+        out["chunker_version"] = self.chunker_version
         return out
 
     @classmethod
@@ -257,6 +267,8 @@ class DocState:
             last_modified=obj.get("last_modified"),
             requested_at=obj.get("requested_at"),
             version=obj.get("version"),
+            # Records from before the field were made by the flat chunker: version 1.
+            chunker_version=int(obj.get("chunker_version", 1)),
         )
 
 
@@ -268,11 +280,12 @@ def plan_update(url: str, new: list[Chunk], prev: DocState | None, force: bool) 
     sent chunk carries the new ``chunk_count``, so the writer trims a page that shrank; a
     page that shrank without any changed chunk gets a trim of its own; an empty page loses
     all its chunks. Because chunks are overwritten in place, a page is never left with
-    neither its old nor its new chunks.
+    neither its old nor its new chunks. A page whose state another chunker version made
+    sends every chunk, as with ``force``: its hashes describe other chunks.
     """
     if not new:
         return [trim(url, 0)]
-    if prev is None or force:
+    if prev is None or force or not prev.current:
         return list(new)
     changed = [
         c

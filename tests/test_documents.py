@@ -7,10 +7,12 @@ chunks whose text changed at their index.
 
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.documents import DocState, plan_update, trim
+from streams.documents import CHUNKER_VERSION, DocState, DocStateRecord, plan_update, trim
 from streams.ids import doc_id, text_hash
 from streams.messages import Chunk, Vector
 from streams.store import reduce_window
@@ -148,3 +150,25 @@ def test_the_index_ends_as_the_new_page_sending_only_what_changed(
 @given(after=texts)
 def test_a_first_fetch_fills_an_empty_index(after: list[str]) -> None:
     assert milvus_after([], plan_update(URL, chunks(after), None, force=False)) == after
+
+
+# --- chunker upgrades ---------------------------------------------------------------------------
+
+
+def test_a_state_made_by_another_chunker_sends_every_chunk() -> None:
+    """Same texts at the same indexes: nothing would be sent, but the state's hashes were
+    made by chunker version 1, so the page is re-embedded whole (as with force)."""
+    old = dataclasses.replace(state(["a", "b", "c"]), chunker_version=1)
+    new = chunks(["a", "b", "c"])
+    assert plan_update(URL, new, old, force=False) == new
+    assert plan_update(URL, new, state(["a", "b", "c"]), force=False) == []
+
+
+def test_old_state_records_read_as_chunker_version_1() -> None:
+    record = DocStateRecord(doc_hash="h", hashes=["x"], etag='"e"', last_modified=None)
+    old = DocState.from_json(record)
+    assert old is not None and old.chunker_version == 1 and not old.current
+    made = DocState(doc_hash="h", hashes=("x",))
+    assert made.chunker_version == CHUNKER_VERSION > 1 and made.current
+    assert made.to_json()["chunker_version"] == CHUNKER_VERSION
+    assert DocState.from_json(made.to_json()) == made

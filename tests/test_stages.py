@@ -27,7 +27,7 @@ from agents.embed import EmbedStage
 from agents.fetch import FetchStage
 from agents.fetcher import Page
 from agents.write import WindowWriter
-from streams.documents import DocState
+from streams.documents import CHUNKER_VERSION, DocState
 from streams.embedder import Encoded
 from streams.errors import FetchFailed
 from streams.ids import doc_id, text_hash
@@ -601,3 +601,35 @@ def test_fetch_exits_when_chunks_are_not_delivered(settings: Settings, fatal: li
     run(rig.stage.run(stream))
     assert stream.acked == [] and fatal and fatal[0].startswith("fetching a page failed")
     assert rig.docs.get(A) is None  # not remembered either: the redelivery fetches it again
+
+
+def test_fetch_after_a_chunker_upgrade_refetches_whole_and_re_embeds(settings: Settings) -> None:
+    """A state made by chunker version 1 (a record without the field): no validators (a 304
+    would keep the old chunks) and every chunk sent, though the texts did not change."""
+    texts = ["first paragraph", "second paragraph", "third paragraph"]
+    old = DocState.from_json(
+        {
+            "doc_hash": text_hash(PAGE.decode()),
+            "hashes": [text_hash(t) for t in texts],
+            "etag": '"v1"',
+            "last_modified": None,
+            "requested_at": "2025-12-01T00:00:00Z",
+        }
+    )
+    assert old is not None and old.chunker_version == 1
+    rig = fetch_rig(settings, {A: page(A)}, states={A: old})
+    run(rig.stage.handle(url_events([A])[0]))
+    assert rig.fetcher.asked == [(A, None)]
+    assert [decode_chunk(v).text for v in rig.chunks.values()] == texts
+    state = rig.docs.get(A)
+    assert state is not None and state.chunker_version == CHUNKER_VERSION and state.current
+    # From then on, the page is unchanged: validators again, nothing re-sent.
+    run(rig.stage.handle(url_events([A], requested_at="2026-01-02T00:00:00Z")[0]))
+    assert rig.fetcher.asked[-1] == (A, '"v1"') and len(rig.chunks.sent) == 3
+
+
+def test_fetch_copies_the_request_source_into_each_chunk(settings: Settings) -> None:
+    rig = fetch_rig(settings, {A: page(A)})
+    request = UrlRequest(url=A, source="webhook", requested_at="2026-01-01T00:00:00Z")
+    run(rig.stage.handle(url_events([encode_url(request)])[0]))
+    assert {decode_chunk(v).source for v in rig.chunks.values()} == {"webhook"}
