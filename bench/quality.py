@@ -110,9 +110,9 @@ def load_queries(path: Path) -> list[Query]:
 
 
 def is_relevant(file: str, text: str, query: Query) -> bool:
-    """From the answering file, and holding the whole key: the file matters because a
-    phrase may recur on another page that does not answer the question."""
-    return file == query.file and query.norm_key in normalize(text)
+    """From the answering file, and holding the whole key in whole words: the file matters
+    because a phrase may recur on another page that does not answer the question."""
+    return file == query.file and f" {query.norm_key} " in f" {normalize(text)} "
 
 
 def first_relevant(hits: Sequence[tuple[str, str]], query: Query) -> int | None:
