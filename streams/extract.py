@@ -388,9 +388,36 @@ def _words(value: str) -> set[str]:
 
 
 def _is_boilerplate_name(node: LexborNode) -> bool:
+    """Whether the element's class or id names boilerplate (``cookie-banner``, ``nav``).
+
+    An id that is the slug of the element's own heading is a title, not a name: docs sites
+    give every section one (Sphinx on the section, MkDocs and Docusaurus on the heading),
+    and ``csrf-cookie-secure`` or ``select-related`` must not take its section with it.
+    """
     attrs = node.attributes
-    names = f"{attrs.get('id') or ''} {attrs.get('class') or ''}"
-    return bool(_words(names) & _BOILERPLATE_WORDS)
+    words = _words(attrs.get("class") or "")
+    ident = attrs.get("id") or ""
+    if ident:
+        named = _words(ident) & _BOILERPLATE_WORDS
+        if named and not _titled_by(node, ident):
+            words |= named
+    return bool(words & _BOILERPLATE_WORDS)
+
+
+_ALNUM = re.compile(r"[a-z0-9]+")
+
+
+def _titled_by(node: LexborNode, ident: str) -> bool:
+    """Whether ``ident`` is a slug of the element's heading (the element itself, or the
+    first heading inside it), and the element is prose rather than a box of links (a
+    "Related" list titled by its own id is still boilerplate)."""
+    heading = node if node.tag in _HEADINGS else node.css_first("h1, h2, h3, h4, h5, h6")
+    if heading is None:
+        return False
+    slug = set(_ALNUM.findall(ident.lower()))
+    if not slug or not slug <= set(_ALNUM.findall(heading.text(deep=True).lower())):
+        return False
+    return heading is node or _link_density(node, _text_len(node)) < 0.5
 
 
 def _has_ancestor(node: LexborNode, tags: frozenset[str], root: LexborNode) -> bool:

@@ -170,6 +170,27 @@ def test_html_boilerplate_by_id_and_class_words() -> None:
     assert got.text == "Keep me.\n\nKeep menuitem words.\n\nKeep supernova."
 
 
+def test_html_section_ids_are_title_slugs_not_boilerplate() -> None:
+    """Docs sites give each section the slug of its title as id (Sphinx on the section,
+    MkDocs and Docusaurus on the heading): ``csrf-cookie-secure`` or ``select-related`` is
+    a section of the page, not a cookie banner or a related-posts box."""
+    html = (
+        "<body><main><h1>Settings</h1><p>Intro.</p>"
+        "<div class='section' id='csrf-cookie-secure'><h2>CSRF_COOKIE_SECURE</h2>"
+        "<p>Whether to use a secure cookie for the CSRF cookie.</p></div>"
+        "<h2 id='select-related'>select_related()</h2><p>Follows foreign keys.</p>"
+        "<div id='cookie-banner'><h2>We use cookies</h2><p>BANNER</p></div>"
+        "<div id='related'><h3>Related</h3><ul><li><a href='/a'>LINK-A</a></li>"
+        "<li><a href='/b'>LINK-B</a></li></ul></div>"
+        "</main></body>"
+    )
+    got = extract_text(html.encode(), "text/html", URL)
+    assert "Whether to use a secure cookie for the CSRF cookie." in got.text
+    assert "select_related()\n\nFollows foreign keys." in got.text
+    assert "BANNER" not in got.text  # its id is not its heading's slug
+    assert "LINK-A" not in got.text  # titled by its id, but a box of links
+
+
 def test_html_whitespace_and_inline_elements() -> None:
     html = (
         "<body><p>  Many\n\n   spaces\tand&nbsp;tabs, <a href='#'>link</a>"
