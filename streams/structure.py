@@ -576,6 +576,14 @@ def page_path(title: str | None, path: Sequence[str]) -> tuple[str, ...]:
     return tuple(path)
 
 
+def _labelled(line: str, body: str) -> str:
+    """``body`` under its path line, unless it already starts with that line: a plain-text
+    page is titled by its own first line, and a page of one line would read twice."""
+    if not line or body == line or body.startswith(line + "\n"):
+        return body
+    return f"{line}\n\n{body}"
+
+
 def _join(path: Sequence[str]) -> str:
     """A path as one line within ``MAX_PATH_CHARS``: middle headings give way first."""
     line = PATH_SEPARATOR.join(path)
@@ -678,8 +686,7 @@ class _Packer:
         for p in group:
             rel = _heading(PATH_SEPARATOR.join(p.path[k:]))
             parts.append(f"{rel}\n{p.body}" if rel else p.body)
-        body = "\n\n".join(parts)
-        return line, f"{line}\n\n{body}" if line else body
+        return line, _labelled(line, "\n\n".join(parts))
 
     def flush(self, group: list[_Piece]) -> None:
         """Emit a packed group; halve it when its real count is over budget (the counts of
@@ -709,7 +716,7 @@ class _Packer:
         )
         for s, e in body_chunker.chunk_spans(piece.body):
             body = piece.body[s:e]
-            text = f"{line}\n\n{body}" if line else body
+            text = _labelled(line, body)
             if line and not self.within(text):
                 text = body  # the counts did not add up: the body alone, still labelled
             self.emit(line, text)

@@ -600,3 +600,13 @@ def test_small_sections_pack_to_a_share_of_the_budget(chunker: Chunker) -> None:
     counts = chunker.count_tokens(packed)
     assert max(counts) <= limit * 1.05, (max(counts), limit)
     assert all("Question number" in t for _, t in chunks)  # no chunk without its heading
+
+
+@slow
+def test_a_plain_page_titled_by_its_first_line_reads_it_once(chunker: Chunker) -> None:
+    """Plain text has no headings: its title is its first line, which the body holds
+    already; the path line is not repeated above it."""
+    one = chunk_document(b"A good page about sprockets.", "text/plain", URL, chunker)
+    assert one == [("A good page about sprockets.", "A good page about sprockets.")]
+    two = chunk_document(b"Sprockets\nThey turn widgets.", "text/plain", URL, chunker)
+    assert [t for _, t in two] == ["Sprockets\nThey turn widgets."]
