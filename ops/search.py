@@ -18,7 +18,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from streams.errors import BadRequest, ConfigError, RagstreamError, StoreUnavailable
 from streams.settings import Settings
@@ -96,6 +96,17 @@ def make_filters(
     filters = Filters(url_prefix=url_prefix or None, source=source, since_ms=since_ms)
     filter_expr(filters)  # refuses what cannot be a filter (control characters) up front
     return filters
+
+
+class SearchOptions(TypedDict, total=False):
+    """The keyword arguments of :meth:`Searcher.search` (meanings and defaults there), for
+    the callers that pass them through (:func:`search`, ``ragstream.Index``)."""
+
+    mode: str
+    weights: Mapping[str, float] | str | None
+    url_prefix: str | None
+    source: str | None
+    since: str | datetime | None
 
 
 class Searcher:
@@ -215,18 +226,8 @@ class Searcher:
 
 
 def search(
-    settings: Settings,
-    query: str,
-    k: int = 5,
-    *,
-    mode: str = "hybrid",
-    weights: Mapping[str, float] | str | None = None,
-    url_prefix: str | None = None,
-    source: str | None = None,
-    since: str | datetime | None = None,
+    settings: Settings, query: str, k: int = 5, **options: Unpack[SearchOptions]
 ) -> SearchResult:
     """One search with a model and a client opened for it (the CLI): see :meth:`Searcher.search`."""
     with Searcher(settings) as searcher:
-        return searcher.search(
-            query, k, mode=mode, weights=weights, url_prefix=url_prefix, source=source, since=since
-        )
+        return searcher.search(query, k, **options)

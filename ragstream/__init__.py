@@ -17,13 +17,10 @@ pymilvus and torch are imported on the first :meth:`Index.search`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-    from datetime import datetime
-
-    from ops.search import Searcher, SearchResult
+    from ops.search import Searcher, SearchOptions, SearchResult
     from streams.settings import Settings
     from streams.store import Hit
 
@@ -57,46 +54,25 @@ class Index:
             self._searcher = Searcher(self.settings)
         return self._searcher
 
-    def search(
-        self,
-        query: str,
-        k: int = 5,
-        *,
-        mode: str = "hybrid",
-        weights: Mapping[str, float] | str | None = None,
-        url_prefix: str | None = None,
-        source: str | None = None,
-        since: str | datetime | None = None,
-    ) -> list[Hit]:
+    def search(self, query: str, k: int = 5, **options: Unpack[SearchOptions]) -> list[Hit]:
         """The ``k`` chunks best matching ``query``, best first (:class:`Hit`: ``.url``,
         ``.text``, ``.section``, ``.title``, ``.score``, ``.chunk_index``, ``.id``).
         Arguments as :meth:`search_result`."""
-        return self.search_result(
-            query, k, mode=mode, weights=weights, url_prefix=url_prefix, source=source, since=since
-        ).hits
+        return self.search_result(query, k, **options).hits
 
     def search_result(
-        self,
-        query: str,
-        k: int = 5,
-        *,
-        mode: str = "hybrid",
-        weights: Mapping[str, float] | str | None = None,
-        url_prefix: str | None = None,
-        source: str | None = None,
-        since: str | datetime | None = None,
+        self, query: str, k: int = 5, **options: Unpack[SearchOptions]
     ) -> SearchResult:
         """The hits with how they were found (legs run, fallback notes).
 
         ``mode``: ``hybrid`` (default), ``dense``, ``sparse`` or ``bm25``; ``weights``
         (``{"dense": 1, "bm25": 0.5}``) fuse by weighted score instead of reciprocal rank;
         ``url_prefix``, ``source`` and ``since`` (``"2h"``, ``"7d"``, ISO 8601 or a
-        datetime) filter. Errors are :mod:`streams.errors`' (``BadRequest``,
-        ``StoreUnavailable``...), all ``RagstreamError``.
+        datetime) filter (:meth:`ops.search.Searcher.search`). Errors are
+        :mod:`streams.errors`' (``BadRequest``, ``StoreUnavailable``...), all
+        ``RagstreamError``.
         """
-        return self._get().search(
-            query, k, mode=mode, weights=weights, url_prefix=url_prefix, source=source, since=since
-        )
+        return self._get().search(query, k, **options)
 
     def close(self) -> None:
         if self._searcher is not None:
