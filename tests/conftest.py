@@ -21,13 +21,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings as hypothesis_settings
 
-from streams.settings import MINILM, Settings
+from streams.settings import MINILM, Settings, get_settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -192,3 +192,19 @@ def random_m3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from devtools.random_m3 import make_random_m3
 
     return make_random_m3(tmp_path_factory.mktemp("models") / "random-m3")
+
+
+@pytest.fixture
+def cli_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Settings], None]]:
+    """Run the CLI (or ``ragstream.Index``) in this process with given settings: their
+    environment set, and the process's cached ``get_settings()`` forgotten before and
+    after, so a test never reads the settings an earlier test left behind."""
+
+    def use(settings: Settings) -> None:
+        for name, value in settings.to_env().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("MILVUS_URI", raising=False)
+        get_settings.cache_clear()
+
+    yield use
+    get_settings.cache_clear()

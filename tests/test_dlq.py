@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import orjson
@@ -31,7 +31,7 @@ from ragstream import cli
 from ragstream.cli.dlq import format_rows
 from streams.kafka import admin
 from streams.messages import DeadLetter, UrlRequest, decode_url, encode_dead_letter, encode_url
-from streams.settings import Settings, get_settings
+from streams.settings import Settings
 from streams.timeparse import parse_time
 from streams.topics import CHUNKS, URLS, VECTORS, dlq, ensure_topics, topic_end_offsets
 from tests.helpers import Worker
@@ -267,15 +267,12 @@ def test_list_cli_table(settings: Settings, letters: dict[str, DeadLetter]) -> N
 
 
 @pytest.fixture
-def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+def cli_env(settings: Settings, cli_environ: Callable[[Settings], None]) -> Iterator[Settings]:
     """The CLI in this process, reading the test's settings from the environment."""
-    for name, value in settings.to_env().items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
+    cli_environ(settings)
     level = logging.getLogger("aiokafka").level  # the command quietens aiokafka
     yield settings
     logging.getLogger("aiokafka").setLevel(level)
-    get_settings.cache_clear()
 
 
 @pytest.mark.kafka

@@ -461,7 +461,9 @@ QUERIES = [("secure cookie over https", "hybrid"), ("CSRF_COOKIE_SECURE", "bm25"
 
 @pytest.mark.slow
 def test_cli_api_and_http_return_the_same_hits(
-    minilm_index: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    minilm_index: Settings,
+    cli_environ: Callable[[Settings], None],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     import asyncio
 
@@ -472,11 +474,7 @@ def test_cli_api_and_http_return_the_same_hits(
     from ragstream import Index
     from ragstream.cli import main
 
-    for name, value in (("RAGSTREAM_HOME", str(minilm_index.home)), ("MILVUS_URI", ""),
-                        ("RAGSTREAM_MODEL", minilm_index.model),
-                        ("RAGSTREAM_COLLECTION", minilm_index.collection)):  # fmt: skip
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("RAGSTREAM_BROKER", minilm_index.broker)
+    cli_environ(minilm_index)
 
     cli: dict[tuple[str, str], list[str]] = {}
     for q, mode in QUERIES:
@@ -587,7 +585,7 @@ def test_milvus_away_is_503_and_the_server_starts_without_a_model(unit_settings:
 def test_cli_hybrid_on_a_bge_m3_shaped_model(
     random_m3: Path,
     unit_settings: Settings,
-    monkeypatch: pytest.MonkeyPatch,
+    cli_environ: Callable[[Settings], None],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The whole way with a model of BGE-M3's shape (random weights): the embedder gives
@@ -621,11 +619,7 @@ def test_cli_hybrid_on_a_bge_m3_shaped_model(
     finally:
         store.close()
     release_lite()
-    for name, value in (("RAGSTREAM_HOME", str(settings.home)), ("MILVUS_URI", ""),
-                        ("RAGSTREAM_MODEL", settings.model),
-                        ("RAGSTREAM_COLLECTION", settings.collection),
-                        ("RAGSTREAM_BROKER", settings.broker)):  # fmt: skip
-        monkeypatch.setenv(name, value)
+    cli_environ(settings)
     query = CORPUS[TARGET]
     for mode, legs in (("hybrid", ["dense", "sparse", "bm25"]), ("sparse", ["sparse"])):
         assert main(["search", query, "-k", "3", "--mode", mode, "--json"]) == 0
