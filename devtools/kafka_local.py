@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from streams.errors import RagstreamError
+from streams.milvus_lite import pid_alive
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -241,17 +242,7 @@ def _alive(pid: int) -> bool:
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:
             return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[0] != "Z"
+    return pid_alive(pid)
 
 
 def _is_our_broker(pid: int, settings: Settings) -> bool:
