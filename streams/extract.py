@@ -224,13 +224,15 @@ def normalize_text(text: str) -> str:
 
 
 def _first_line(lines: list[str], skip_directives: bool) -> str | None:
+    """A text page's title when it names none: its first line, unless that line is longer
+    than a title (a paragraph, or one hostile token), which would label every chunk."""
     for line in lines:
         s = line.strip()
         if not s or _RST_ADORNMENT.match(s):
             continue
         if skip_directives and s.startswith(".."):
             continue
-        return s
+        return s if len(s) <= MAX_TITLE_CHARS else None
     return None
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from streams.extract import (
     MAX_TEXT_CHARS,
+    MAX_TITLE_CHARS,
     Extracted,
     PageTooDeep,
     PageTooLarge,
@@ -334,6 +335,15 @@ def test_text_normalisation() -> None:
     assert got.kind == "text"
     assert got.text == "line one\nline two\nline three\n\n\n  indented\n\n\nend"
     assert got.title == "line one"
+
+
+def test_a_first_line_longer_than_a_title_is_not_one() -> None:
+    """A text page's title is a guess, its first line; a line over MAX_TITLE_CHARS is a
+    paragraph (or one hostile token), and as a title it would label every chunk."""
+    assert extract_text(b"x" * (MAX_TITLE_CHARS + 1), "text/plain", URL).title is None
+    long_first = b"word " * 200 + b"\nsecond line"
+    assert extract_text(long_first, "text/markdown", URL).title is None
+    assert extract_text(b"Short title\nbody", "text/plain", URL).title == "Short title"
 
 
 def test_two_blank_lines_are_kept() -> None:
