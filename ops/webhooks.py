@@ -35,11 +35,11 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from datetime import datetime
 from functools import cache
 from typing import Any, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -58,6 +58,7 @@ from streams.errors import (
     Rejected,
     StoreUnavailable,
 )
+from streams.github import file_request, path_matches, raw_url, split_list
 from streams.ids import normalize_url
 from streams.messages import UrlRequest, decode_url, encode_url, schema, utcnow
 from streams.settings import Settings
@@ -304,50 +305,6 @@ def plan_urls(payload: Any) -> list[UrlRequest]:
 # --- POST /v1/github --------------------------------------------------------------------
 
 
-def split_list(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
-
-
-@cache
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """A path glob as a regex over the whole repository path (``/``-separated).
-
-    ``*`` and ``?`` stay within one path segment, ``**/`` is any number of directories
-    (none included) and a trailing ``**`` is anything: ``**/*`` matches every file,
-    ``docs/**/*.md`` matches ``docs/a.md`` and ``docs/x/y/a.md``, ``*.md`` only top-level
-    files. ``fnmatch`` cannot say this: its ``*`` crosses ``/`` and ``**/*`` needs a slash.
-    """
-    out: list[str] = []
-    i, n = 0, len(pattern)
-    while i < n:
-        if pattern.startswith("**/", i):
-            out.append("(?:[^/]*/)*")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        elif pattern[i] == "[" and (end := pattern.find("]", i + 2)) != -1:
-            body = pattern[i + 1 : end].replace("\\", "\\\\")
-            if body.startswith("!"):
-                body = "^" + body[1:]
-            out.append(f"(?!/)[{body}]")
-            i = end + 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out) + r"\Z")
-
-
-def path_matches(path: str, globs: Iterable[str]) -> bool:
-    return any(glob_regex(g).match(path) for g in globs)
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class PushPlan:
     """What a push event asks for: the messages, or why there are none."""
@@ -397,20 +354,20 @@ def plan_push(payload: Any, settings: Settings) -> PushPlan:
                 if path_matches(path, globs):
                     actions.pop(path, None)  # re-insert: messages follow the order of last action
                     actions[path] = delete
-    base = settings.github_raw_base.rstrip("/")
-    prefix = f"{base}/{quote(repo, safe='/')}/{quote(branch, safe='/')}"
     now = utcnow()
-    out = []
-    for path, delete in actions.items():
-        meta = {"repository": repo, "ref": ref, "commit": after, "path": path}
-        req = UrlRequest(
-            url=f"{prefix}/{quote(path, safe='/')}",
-            source="github",
-            requested_at=now,
+    out = [
+        file_request(
+            settings.github_raw_base,
+            repo,
+            branch,
+            path,
+            commit=after,
+            full_ref=ref,
             delete=delete,
-            metadata={k: v for k, v in meta.items() if v is not None},
+            requested_at=now,
         )
-        out.append(req)
+        for path, delete in actions.items()
+    ]
     return PushPlan(check_requests(out, list(actions)))
 
 
@@ -887,7 +844,7 @@ def create_app(
             "uses another one), or pass --insecure-no-signature to accept unsigned requests"
         )
     try:
-        normalize_url(f"{settings.github_raw_base.rstrip('/')}/owner/repo/main/file")
+        normalize_url(raw_url(settings.github_raw_base, "owner/repo", "main", "file"))
     except ValueError as exc:
         raise RagstreamError(f"RAGSTREAM_GITHUB_RAW_BASE: {exc}") from None
     app = web.Application(client_max_size=settings.webhook_max_bytes, middlewares=[_errors_as_json])

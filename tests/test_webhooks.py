@@ -28,8 +28,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from devtools import kafka_local
-from ops.webhooks import PUBLISHER, create_app, glob_regex, sign, signature_ok
+from ops.webhooks import PUBLISHER, create_app, sign, signature_ok
 from streams.errors import RagstreamError
+from streams.github import glob_regex
 from streams.messages import UrlRequest, decode_url
 from streams.settings import Settings
 from streams.topics import URLS, topic_end_offsets
