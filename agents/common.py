@@ -20,6 +20,7 @@ from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from faust.types import EventT
 
+from streams import metrics
 from streams.errors import ConfigError, TooLarge
 from streams.messages import DeadLetter, encode_dead_letter
 from streams.retry import HOPS
@@ -187,6 +188,7 @@ async def dead_letter(
     room = await LIMITS.of(dlq) - record_size(dkey, b"", headers)
     body = encode_dead_letter(envelope, max_bytes=room)
     log.warning("dead-letter %s %s@%s: %s: %s", stage, msg.topic, msg.offset, error_class, error)
+    metrics.DEAD_LETTERS.labels(stage, error_class).inc()
     return await dlq.send(key=dkey, value=body, headers=headers)
 
 

@@ -23,6 +23,8 @@ from faust.types import EventT
 from agents.app import dlq_topic, topic
 from agents.checkpoint import Checkpoint, InOrder, delivered
 from agents.common import Outcome, dead_letter, hop_headers, hops_of, produce
+from agents.telemetry import set_ready
+from streams import metrics
 from streams.batching import plan_batches
 from streams.embedder import Embedder
 from streams.errors import DecodeError
@@ -154,8 +156,16 @@ class EmbedStage:
                 res.update(await self.encode_batch([c], [i], [one]))
             return res
         finally:
-            stats.busy_s += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            stats.busy_s += took
+            metrics.EMBED_BUSY.inc(took)
+        tokens = sum(len(x) for x in ids)
         stats.texts += len(batch)
+        metrics.ENCODE_SECONDS.observe(took)
+        metrics.ENCODE_BATCH_TEXTS.observe(len(batch))
+        metrics.ENCODE_BATCH_TOKENS.observe(tokens)
+        metrics.ENCODE_TEXTS.inc(len(batch))
+        metrics.ENCODE_TOKENS.inc(tokens)
         return {
             i: Vector(
                 chunk=c,
@@ -192,7 +202,9 @@ def register(app: faust.App, settings: Settings) -> None:
 
     @app.agent(chunks, name="embed")
     async def embed(stream: faust.StreamT) -> None:
+        set_ready("loading the model")
         embedder = await asyncio.to_thread(Embedder, settings)
+        set_ready()
         # faust hands an agent a Stream; its decorator is typed for StreamT
         await EmbedStage(settings, embedder, vectors, dlq, stats).run(cast(faust.Stream, stream))
 

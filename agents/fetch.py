@@ -36,6 +36,7 @@ from agents.docstate import DocStates
 from agents.extractor import ExtractPool
 from agents.fetcher import Fetcher
 from agents.retry import RetryForwarder
+from agents.telemetry import set_ready
 from streams.chunking import Chunker
 from streams.documents import DocState, page_version, plan_update, trim
 from streams.errors import (
@@ -172,7 +173,12 @@ class FetchStage:
         # broker can never take is a dead letter as a whole, not half an update.
         carry = hop_headers(hops)
         out = [
-            dataclasses.replace(c, version=version, source=req.source if c.op == "upsert" else None)
+            dataclasses.replace(
+                c,
+                version=version,
+                source=req.source if c.op == "upsert" else None,
+                requested_at=req.requested_at,
+            )
             for c in out
         ]
         encoded = [(c.key(), encode_chunk(c)) for c in out]
@@ -316,6 +322,7 @@ def register(app: faust.App, settings: Settings) -> None:
 
     @app.agent(urls, name="fetch")
     async def fetch(stream: faust.StreamT) -> None:
+        set_ready("loading the tokenizer")
         chunker = await asyncio.to_thread(
             Chunker.from_model,
             resolve_model_path(settings.model),
@@ -327,6 +334,7 @@ def register(app: faust.App, settings: Settings) -> None:
         # Extraction + chunking run in child processes killed past extract_deadline_s.
         extractor = ExtractPool(settings, chunker)
         await extractor.start()
+        set_ready()
         fetcher = Fetcher(settings)
         stage = FetchStage(
             settings,

@@ -50,6 +50,7 @@ from agents.politeness import (
     host_key,
     origin,
 )
+from streams import metrics
 from streams.errors import FetchFailed, ForbiddenAddress
 from streams.netpolicy import parse_host_address
 from streams.settings import Settings
@@ -412,6 +413,22 @@ class Fetcher:
         )
 
     async def _get(self, url: str, headers: dict[str, str], max_bytes: int, truncate: bool) -> Page:
+        """One HTTP request, timed and counted for ``/metrics`` whatever its outcome."""
+        t0 = time.perf_counter()
+        status: int | None = None
+        try:
+            page = await self._request(url, headers, max_bytes, truncate)
+            status = page.status
+            return page
+        finally:
+            metrics.FETCH_SECONDS.labels(metrics.status_class(status)).observe(
+                time.perf_counter() - t0
+            )
+            metrics.FETCH_REQUESTS.labels(metrics.host_label(urlsplit(url).hostname or "")).inc()
+
+    async def _request(
+        self, url: str, headers: dict[str, str], max_bytes: int, truncate: bool
+    ) -> Page:
         async with self.client.stream("GET", url, headers=headers) as resp:
             status = resp.status_code
             body = b""

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 
+from streams import logs
 from streams.milvus_lite import LiteServer, lite_dir
 from streams.settings import Settings, get_settings
 from streams.topics import STAGES, ensure_topics
@@ -47,6 +48,7 @@ def run_stage(settings: Settings, stage: str) -> None:
         return
     import faust
 
+    from agents import telemetry
     from agents.app import create_app
 
     asyncio.run(ensure_topics(settings))
@@ -63,7 +65,14 @@ def run_stage(settings: Settings, stage: str) -> None:
     else:
         from agents.write import register
     register(app, settings)
-    worker = faust.Worker(app, loglevel="INFO", quiet=True, redirect_stdouts=False)
+    telemetry.install(app, settings, stage)
+    worker = faust.Worker(
+        app,
+        loglevel="INFO",
+        quiet=True,
+        redirect_stdouts=False,
+        logging_config=logs.logging_config(settings.log_format, logging.INFO, stage),
+    )
     worker.execute_from_commandline()
 
 
@@ -174,10 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m agents.supervisor")
     parser.add_argument("--stage", required=True, choices=list(STAGES))
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    run_stage(get_settings(), args.stage)
+    settings = get_settings()
+    logs.setup(settings.log_format, logging.INFO, args.stage)
+    run_stage(settings, args.stage)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from faust.types import TP, EventT
 from agents.app import dlq_topic, topic
 from agents.checkpoint import Checkpoint, delivered
 from agents.common import dead_letter
+from agents.telemetry import set_ready
+from streams import metrics
 from streams.errors import DecodeError
 from streams.messages import Vector, decode_vector
 from streams.settings import Settings
@@ -69,6 +71,8 @@ class WindowWriter:
         self.store = store
         self.dlq = dlq
         self.stats = stats or WriteStats()
+        # (requested_at, chunk_index, chunk_count) of the rows the last window upserted
+        self._written: list[tuple[str | None, int | None, int]] = []
 
     async def run(self, stream: faust.Stream) -> None:
         """Write window after window; each window's events are acked once it is written."""
@@ -77,6 +81,13 @@ class WindowWriter:
         async for events in stream.noack_take(settings.window_rows, within=settings.window_s):
             window = list(events)
             await checkpoint.commit(window, self.write_window(window))
+            # Searchable and acked: the end of the freshness of what this window wrote.
+            per_chunk, per_page = metrics.freshness_samples(self._written, time.time())
+            self._written = []
+            for age in per_chunk:
+                metrics.CHUNK_FRESHNESS.observe(age)
+            for age in per_page:
+                metrics.FRESHNESS.observe(age)
 
     async def write_window(self, events: list[EventT]) -> None:
         """Write one window; return once its rows are in Milvus and its dead letters on the
@@ -120,6 +131,19 @@ class WindowWriter:
             )
         t0 = time.perf_counter()
         result = await retrying("write window", lambda: store.write(window), settings)
+        metrics.WINDOW_SECONDS.observe(time.perf_counter() - t0)
+        metrics.WINDOW_ROWS.observe(len(events))
+        metrics.ROWS_WRITTEN.inc(result.upserted)
+        rejected = {id(vec) for vec, _ in result.refused_rows}
+        self._written = [
+            (v.chunk.requested_at, v.chunk.chunk_index, v.chunk.chunk_count)
+            for v in window.rows.values()
+            if id(v) not in rejected
+        ]
+        if result.refused_rows or result.refused_trims:
+            metrics.MILVUS_ERRORS.labels("rejected").inc(
+                len(result.refused_rows) + len(result.refused_trims)
+            )
         for vec, error in result.refused_rows:
             sent.append(
                 await dead_letter(dlq, STAGE, event_of[id(vec)], REJECTED, error, 1, vec.chunk.url)
@@ -167,10 +191,12 @@ def register(app: faust.App, settings: Settings) -> None:
 
     @app.agent(vectors, name="write")
     async def write(stream: faust.StreamT) -> None:
+        set_ready("opening Milvus")
         store = await retrying(
             "open Milvus", lambda: MilvusStore(settings), settings, everything=True
         )
         opened.append(store)
+        set_ready()
         # faust hands an agent a Stream; its decorator is typed for StreamT
         await WindowWriter(settings, store, dlq, stats).run(cast(faust.Stream, stream))
 
@@ -209,6 +235,7 @@ async def retrying(
         except Exception as exc:
             if not everything and not is_unavailable(exc):
                 raise
+            metrics.MILVUS_ERRORS.labels("unavailable").inc()
             log.warning(
                 "%s failed (attempt %d), retrying in %.1fs: %s",
                 what,

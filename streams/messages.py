@@ -161,6 +161,9 @@ class Chunk:
     #: + the urls offset's last six digits). The writer drops a message older than what
     #: Milvus holds for its document; ``None`` (older producers) is applied unconditionally.
     version: int | None = None
+    #: When the page's ``urls`` request was published: where the writer's freshness
+    #: (publish to searchable) starts. ``None`` from older producers: not measured.
+    requested_at: str | None = None
 
     def key(self) -> bytes:
         return self.doc_id.encode()

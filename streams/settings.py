@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -295,6 +296,28 @@ class Settings(BaseSettings):
         ge=100,
         description="Most delivery keys held in memory (about 250 bytes each, 1-2 per request); "
         "past it the oldest are forgotten early, with a warning.",
+    )
+
+    # --- operating it: metrics, probes, logs ------------------------------------------
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address each stage's /metrics, /livez and /readyz listen on (0.0.0.0 in a "
+        "container).",
+    )
+    metrics_port: int = Field(
+        default=0,
+        ge=-1,
+        le=65535,
+        description="Port of that endpoint: 0 = any free port (written to <home>/run/ for "
+        "`ragstream ps`), -1 = no endpoint.",
+    )
+    probe_stall_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="/livez fails once a stage's event loop has not turned for this long.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="`json`: one JSON object per log line, for log shippers."
     )
 
     @field_validator("fetch_allow")

@@ -22,6 +22,7 @@ import sys
 
 import pydantic
 
+from streams import logs
 from streams.errors import ConfigError, RagstreamError, Unavailable
 from streams.settings import Settings, get_settings
 
@@ -101,15 +102,13 @@ def one_line(exc: RagstreamError) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:  # libraries that narrate their start-up at INFO
-        for name in ("faiss", "faiss.loader", "milvus_lite", "httpx"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logs.setup("text", level)  # until the settings say otherwise (they may not load)
     try:
-        return int(args.func(args, load_settings()) or 0)
+        settings = load_settings()
+        if settings.log_format != "text":
+            logs.setup(settings.log_format, level)
+        return int(args.func(args, settings) or 0)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except RagstreamError as exc:
