@@ -21,22 +21,19 @@ only what only it knows (dead letters, batches, windows, freshness).
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import http.server
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import faust
-import orjson
 from faust.types import TP
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from streams import metrics
+from streams import metrics, runfiles
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,35 +98,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return  # a scrape every few seconds is not news
 
 
-def run_dir(settings: Settings) -> Path:
-    return settings.home / "run"
-
-
 def serve(settings: Settings, name: str) -> tuple[http.server.ThreadingHTTPServer, Path] | None:
     """Start the endpoint (``metrics_port`` 0 = any free port, -1 = none) and write the
     run file; returns the server and the file, or ``None`` when turned off."""
     if settings.metrics_port < 0:
         return None
-    server = http.server.ThreadingHTTPServer(
-        (settings.metrics_host, settings.metrics_port), _Handler
-    )
+    address = (settings.metrics_host, settings.metrics_port)
+    server = http.server.ThreadingHTTPServer(address, _Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="telemetry", daemon=True).start()
     host, port = server.server_address[:2]
-    shown = "127.0.0.1" if host in ("0.0.0.0", "") else str(host)
-    path = run_dir(settings) / f"{name}-{os.getpid()}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "name": name,
-        "pid": os.getpid(),
-        "address": f"http://{shown}:{port}",
-        "started": time.time(),
-    }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps(record))
-    tmp.replace(path)
-    log.info("%s: metrics and probes on http://%s:%d/metrics", name, shown, port)
-    return server, path
+    rec = runfiles.write(settings, name, str(host), int(port))
+    log.info("%s: metrics and probes on %s", name, rec.metrics_url)
+    return server, rec.path
 
 
 class Sensor(faust.Sensor):
@@ -150,7 +131,7 @@ class Sensor(faust.Sensor):
 def install(app: faust.App, settings: Settings, stage: str) -> None:
     """Give a stage's app its endpoint, sensor, heartbeat and lag sampler."""
     HEALTH.stall_s = settings.probe_stall_s
-    served = serve(settings, stage)
+    serve(settings, stage)
     app.sensors.add(Sensor(stage))
     metrics.UP.labels(stage).set(1)
 
@@ -161,10 +142,6 @@ def install(app: faust.App, settings: Settings, stage: str) -> None:
     @app.timer(LAG_EVERY_S)
     async def sample_lag() -> None:
         await record_lag(app, stage)
-
-    if served is not None:
-        # Gone with the process (a SIGKILL leaves it behind: readers check the pid).
-        atexit.register(served[1].unlink, missing_ok=True)
 
 
 async def record_lag(app: faust.App, stage: str) -> None:

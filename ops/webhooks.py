@@ -45,10 +45,11 @@ import orjson
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from jsonschema import Draft202012Validator
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ops.publisher import CONNECT_BACKOFF_S, Publisher
 from ops.search import MAX_K, Searcher, check_query
-from streams import kafka
+from streams import kafka, metrics, runfiles
 from streams.errors import (
     BadRequest,
     ConfigError,
@@ -216,6 +217,8 @@ def check_url(url: str, where: str) -> str:
         normal = normalize_url(url)
     except ValueError as exc:
         raise BadRequest(f"{where}: {exc}") from None
+    if not normal.startswith(("http://", "https://")):  # file:// reads local disks: CLI only
+        raise BadRequest(f"{where}: only http and https URLs are accepted here: {url!r}")
     if not _host_ok(urlsplit(normal).hostname or ""):
         raise BadRequest(f"{where}: URL host is not a valid host name: {url!r}")
     if len(normal) > limit:
@@ -815,6 +818,29 @@ async def healthz(request: web.Request) -> web.Response:
     return _json(200, alive=True)
 
 
+async def get_metrics(request: web.Request) -> web.Response:
+    """Prometheus text of this process (streams/metrics.py)."""
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@web.middleware
+async def _counted(request: web.Request, handler: Any) -> web.StreamResponse:
+    """``ragstream_http_requests_total`` by route (the pattern, never the raw path: a bounded
+    label) and status."""
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        info = request.match_info.route.resource
+        route = info.canonical if info is not None else "unmatched"
+        metrics.HTTP_REQUESTS.labels(route, str(status)).inc()
+
+
 async def readyz(request: web.Request) -> web.Response:
     problem = await request.app[PUBLISHER].ready()
     if problem is not None:
@@ -828,12 +854,14 @@ def create_app(
     insecure_no_signature: bool = False,
     search: bool = True,
     searcher: Searcher | None = None,
+    advertise: tuple[str, int] | None = None,
 ) -> web.Application:
     """The aiohttp application; its Kafka producer starts and stops with it.
 
     With ``search``, ``GET /v1/search`` too, answered by ``searcher`` (default: one made
     from ``settings``, which opens Milvus and loads the model on the first search, so the
-    server starts without either).
+    server starts without either). ``advertise`` (host, port): where it listens, recorded
+    in ``<home>/run/`` once it does.
 
     Refuses (``RagstreamError``) when ``webhook_secret`` is empty unless
     ``insecure_no_signature``: an unsigned endpoint lets anyone on the network fill the index.
@@ -847,7 +875,9 @@ def create_app(
         normalize_url(raw_url(settings.github_raw_base, "owner/repo", "main", "file"))
     except ValueError as exc:
         raise RagstreamError(f"RAGSTREAM_GITHUB_RAW_BASE: {exc}") from None
-    app = web.Application(client_max_size=settings.webhook_max_bytes, middlewares=[_errors_as_json])
+    app = web.Application(
+        client_max_size=settings.webhook_max_bytes, middlewares=[_counted, _errors_as_json]
+    )
     app[SETTINGS] = settings
     app[PUBLISHER] = WebhookPublisher(settings)
     app[INSECURE] = insecure_no_signature
@@ -855,7 +885,16 @@ def create_app(
     app.router.add_post("/v1/urls", post_urls)
     app.router.add_post("/v1/github", post_github)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/livez", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", get_metrics)
+    if advertise is not None:
+        host, port = advertise
+
+        async def record(app: web.Application) -> None:
+            runfiles.write(settings, "api", host, port)  # for ragstream ps / status
+
+        app.on_startup.append(record)
     if search:
         app[SEARCHER] = searcher or Searcher(settings)
         app[SEARCH_SLOTS] = asyncio.Semaphore(SEARCH_CONCURRENCY)

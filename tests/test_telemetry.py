@@ -205,3 +205,44 @@ def test_stages_export_what_they_do(settings: Settings, django_docs: Path, tmp_p
     assert {line["stage"] for line in stage_lines} >= {"fetch", "embed", "write"}
     # processes gone, run files gone with them
     assert list((settings.home / "run").glob("*.json")) == []
+
+
+# --- the HTTP API -------------------------------------------------------------------------
+
+
+def test_api_serves_metrics_probes_and_its_run_file(unit_settings: Settings) -> None:
+    """No broker needed: the API starts without Kafka (its producer connects in the
+    background), so /metrics and /livez answer while /readyz says why it is not ready."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from ops.webhooks import create_app
+    from streams import runfiles
+
+    settings = unit_settings.model_copy(update={"broker": "127.0.0.1:1", "webhook_secret": "s"})
+
+    async def scenario() -> tuple[int, int, str, str, list[str]]:
+        app = create_app(settings, search=False, advertise=("0.0.0.0", 8088))
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            before = await (await client.get("/metrics")).text()  # counters are per process
+            live = (await client.get("/livez")).status
+            ready = (await client.get("/readyz")).status
+            await client.post("/v1/urls", data=b"{}")  # unsigned: 401
+            await client.get("/no/such/path")
+            page = await (await client.get("/metrics")).text()
+            names = [r.address for r in runfiles.read(settings, "api")]
+        return live, ready, before, page, names
+
+    live, ready, before, page, names = asyncio.run(scenario())
+    assert (live, ready) == (200, 503)
+    old, new = samples(before), samples(page)
+
+    def more(**labels: str) -> float:
+        name = "ragstream_http_requests_total"
+        return total(new, name, **labels) - total(old, name, **labels)
+
+    assert more(route="/v1/urls", status="401") == 1
+    assert more(route="/livez", status="200") == 1
+    assert more(status="404") == 1
+    assert names == ["http://127.0.0.1:8088"]  # a wildcard listener is reached on loopback

@@ -50,7 +50,10 @@ def register(subparsers: Any) -> None:
 
 def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
     app = create_app(
-        settings, insecure_no_signature=args.insecure_no_signature, search=not args.no_search
+        settings,
+        insecure_no_signature=args.insecure_no_signature,
+        search=not args.no_search,
+        advertise=(args.host, args.port),
     )
     if args.insecure_no_signature and not settings.webhook_secret:
         log.warning("accepting UNSIGNED requests on /v1/urls (--insecure-no-signature)")
