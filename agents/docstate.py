@@ -61,7 +61,7 @@ class DocStates:
     def encode(self, state: DocState | None, max_bytes: int | None = None) -> bytes | None:
         """The state record, within the caps of :class:`DocState` and ``max_bytes``: when
         even that is too big, the chunk hashes go (the page is re-embedded whole next
-        time), so a state record always fits its topic."""
+        time), then its links, so a state record always fits its topic."""
         if state is None:
             return None
         state = state.capped()
@@ -71,6 +71,12 @@ class DocStates:
                 "page state of %d bytes > %d: dropping its chunk hashes", len(raw), max_bytes
             )
             raw = orjson.dumps(dataclasses.replace(state, hashes=()).to_json())
+            if len(raw) > max_bytes:  # a re-crawl then fetches the page whole for its links
+                raw = orjson.dumps(
+                    dataclasses.replace(
+                        state, hashes=(), links=None, etag=None, last_modified=None
+                    ).to_json()
+                )
         return raw
 
     async def assign(self, partitions: Iterable[int]) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 
 from streams.chunking import Chunker
+from streams.crawl import Links
 from streams.documents import PageLimits
 from streams.errors import ExtractUnavailable
 from streams.extract import (
@@ -170,7 +171,23 @@ class ExtractPool:
     async def page_chunks(
         self, url: str, body: bytes, content_type: str | None, **kwargs: Any
     ) -> list[Chunk]:
-        header = orjson.dumps({"url": url, "content_type": content_type, "kwargs": kwargs})
+        return (await self.page(url, body, content_type, **kwargs))[0]
+
+    async def page(
+        self,
+        url: str,
+        body: bytes,
+        content_type: str | None,
+        *,
+        links: bool = False,
+        **kwargs: Any,
+    ) -> tuple[list[Chunk], Links | None]:
+        """``page_chunks``, and with ``links`` (a crawl's page) the page's links too
+        (``streams.crawl.extract_links``), read in the same child within the same
+        deadline: a hostile page's links cost the stage no more than its text."""
+        header = orjson.dumps(
+            {"url": url, "content_type": content_type, "kwargs": kwargs, "links": links}
+        )
         slot = await self._idle.get()
         try:
             child = slot if slot is not None and slot.alive() else await self._replace(slot)
@@ -193,7 +210,10 @@ class ExtractPool:
                 "(RAGSTREAM_EXTRACT_DEADLINE_S)"
             )
         if "chunks" in reply:
-            return [Chunk(**c) for c in reply["chunks"]]
+            found = None
+            if "links" in reply:
+                found = Links(tuple(reply["links"]), reply.get("canonical"))
+            return [Chunk(**c) for c in reply["chunks"]], found
         if "refused" in reply:
             error_class, message = reply["refused"]
             raise _REFUSALS.get(error_class, PageRefused)(str(message))
@@ -232,6 +252,7 @@ def _die_with_parent() -> None:
 
 
 def _serve(inp: Connection, out: Connection) -> None:
+    from streams.crawl import extract_links, is_html
     from streams.documents import page_chunks
 
     cfg = orjson.loads(inp.recv_bytes())
@@ -261,6 +282,14 @@ def _serve(inp: Connection, out: Connection) -> None:
                 limits=limits,
             )
             reply: dict[str, Any] = {"chunks": [dataclasses.asdict(c) for c in chunks]}
+            if header.get("links"):
+                found = (
+                    extract_links(body, header["url"])
+                    if is_html(header["content_type"], body)
+                    else Links()
+                )
+                reply["links"] = list(found.links)
+                reply["canonical"] = found.canonical
         except PageRefused as exc:
             reply = {"refused": [exc.error_class, str(exc)]}
         except MemoryError:

@@ -38,6 +38,7 @@ from agents.fetcher import Fetcher
 from agents.retry import RetryForwarder
 from agents.telemetry import set_ready
 from streams.chunking import Chunker
+from streams.crawl import in_scope
 from streams.documents import DocState, page_version, plan_update, trim
 from streams.errors import (
     DecodeError,
@@ -47,7 +48,15 @@ from streams.errors import (
     TooLarge,
 )
 from streams.ids import normalize_url
-from streams.messages import Chunk, UrlRequest, decode_url, encode_chunk
+from streams.messages import (
+    Chunk,
+    CrawlOutcome,
+    CrawlReport,
+    UrlRequest,
+    decode_url,
+    encode_chunk,
+    encode_crawl,
+)
 from streams.model import resolve_model_path
 from streams.retry import (
     HOPS,
@@ -59,10 +68,13 @@ from streams.retry import (
     superseded,
 )
 from streams.settings import Settings
-from streams.topics import CHUNKS, URLS, retry_delays, retry_topic, state_topic
+from streams.topics import CHUNKS, CRAWL, URLS, retry_delays, retry_topic, state_topic
 
 log = logging.getLogger(__name__)
 STAGE = "fetch"
+
+#: What a crawl's page reports: its outcome and the links to follow.
+Found = tuple[CrawlOutcome, tuple[str, ...]]
 
 
 class FetchStage:
@@ -71,7 +83,8 @@ class FetchStage:
     Collaborators come in: ``fetcher`` (a :class:`Fetcher`: ``fetch``), ``extractor`` (an
     :class:`ExtractPool`: ``page_chunks``), ``docs`` (the pages' :class:`DocStates`), the
     topics ``chunks``, ``dlq`` (dead letters of ``urls``), ``state_log`` (where ``docs`` is
-    kept) and ``retry_out`` (the delay topic of each delayed retry, by its number).
+    kept), ``retry_out`` (the delay topic of each delayed retry, by its number) and
+    ``crawl`` (where a crawl's page is reported to the frontier, ``agents/frontier.py``).
     """
 
     def __init__(
@@ -85,6 +98,7 @@ class FetchStage:
         dlq: faust.TopicT,
         state_log: faust.TopicT,
         retry_out: Mapping[int, faust.TopicT],
+        crawl: faust.TopicT | None = None,
     ) -> None:
         self.settings = settings
         self.fetcher = fetcher
@@ -94,6 +108,7 @@ class FetchStage:
         self.dlq = dlq
         self.state_log = state_log
         self.retry_out = retry_out
+        self.crawl = crawl
         self.delays = retry_delays(settings)
 
     async def run(self, stream: faust.Stream) -> None:
@@ -146,6 +161,8 @@ class FetchStage:
                 req.requested_at,
                 known.requested_at,
             )
+            # The newer request had this page fetched: its crawl still hears of it.
+            await delivered([await self._report(req, url, Outcome(dlq, STAGE, event, url), known)])
             return
         handled_at = newest(known.requested_at if known else None, req.requested_at)
         # The page's version: the writer never lets an older one replace a newer one.
@@ -155,11 +172,14 @@ class FetchStage:
             event.message.timestamp,
             after=known.version if known is not None else None,
         )
+        found: Found | None = ("failed", ())  # what a crawl hears of the page
         try:
-            out, state, no_text = await self._update(req, url, known, handled_at, version)
+            out, state, no_text, found = await self._update(req, url, known, handled_at, version)
         except FetchFailed as exc:
-            sent.append(await self._retry_or_give_up(event, url, exc, hops, retries, outcome))
+            retry = await self._retry_or_give_up(event, url, exc, hops, retries, outcome)
+            sent.append(retry[0])
             out, state, no_text = [], None, False
+            found = None if retry[1] else found  # a delayed retry is reported when it ends
         except PageRefused as exc:  # not text, or over a bound: streams/extract.py
             sent.append(await dead_letter(dlq, STAGE, event, exc.error_class, str(exc), 1, url))
             out, state, no_text = [], None, False
@@ -199,6 +219,10 @@ class FetchStage:
                     dlq, STAGE, event, "no_text", "the page has no text to index", 1, url
                 )
             )
+        if found is not None and req.crawl is not None:
+            if outcome.letter is not None:
+                found = ("failed", ())
+            sent.append(await self._report(req, url, outcome, found=found))
         await delivered(sent)
         log.info("%s: %d chunk messages (offset %d)", url, len(encoded), event.message.offset)
         # Remember the page only once its chunks are on the broker: a crash before this
@@ -213,18 +237,22 @@ class FetchStage:
         known: DocState | None,
         handled_at: str | None,
         version: int,
-    ) -> tuple[list[Chunk], DocState | None, bool]:
+    ) -> tuple[list[Chunk], DocState | None, bool, Found]:
         """What the request does to the page: its chunk messages, the page's new state
-        (``None``: leave it as it is) and whether the page has no text (sent as a trim to
-        0, then dead-lettered). Raises what fetching or extracting the page raises."""
+        (``None``: leave it as it is), whether the page has no text (sent as a trim to
+        0, then dead-lettered) and what its crawl (if any) hears. Raises what fetching or
+        extracting the page raises."""
         prev = None if req.force else known
         # A page deleted or gone keeps an empty state: it remembers the request time.
         gone_state = DocState(doc_hash="", hashes=(), requested_at=handled_at, version=version)
         if req.delete:
-            return [trim(url, 0)], gone_state, False
+            return [trim(url, 0)], gone_state, False, ("failed", ())
         # Validators only for a page chunked by this chunker: after an upgrade a 304 would
-        # leave it on the old chunks (plan_update re-sends every chunk of such a page).
+        # leave it on the old chunks (plan_update re-sends every chunk of such a page);
+        # for a crawl, only when the state knows the page's links (a 304 has none).
         validators = prev if prev is not None and prev.current else None
+        if req.crawl is not None and validators is not None and validators.links is None:
+            validators = None
         page = await self.fetcher.fetch(
             url,
             etag=validators.etag if validators else None,
@@ -232,20 +260,35 @@ class FetchStage:
         )
         if page.not_modified:
             keep = dataclasses.replace(prev, requested_at=handled_at) if prev else None
-            return [], keep, False
+            return [], keep, False, _remembered(keep)
         if page.gone:
             log.info("gone (HTTP %d): %s", page.status, url)
-            return [trim(url, 0)], gone_state, False
-        new = await self.extractor.page_chunks(url, page.body, page.content_type)
+            return [trim(url, 0)], gone_state, False, ("failed", ())
+        crawl = req.crawl
+        found = None
+        if crawl is None:
+            new = await self.extractor.page_chunks(url, page.body, page.content_type)
+        else:
+            new, found = await self.extractor.page(url, page.body, page.content_type, links=True)
+        links = found.links if found is not None else None
+        canonical = found.canonical if found is not None else None
+        if crawl is None or canonical == url or not in_scope(crawl, canonical or ""):
+            canonical = None
         state = DocState(
-            doc_hash=(new[0].doc_hash or "") if new else "",
-            hashes=tuple(c.text_hash or "" for c in new),
+            doc_hash=(new[0].doc_hash or "") if new and canonical is None else "",
+            hashes=tuple(c.text_hash or "" for c in new) if canonical is None else (),
             etag=page.etag,
             last_modified=page.last_modified,
             requested_at=handled_at,
             version=version,
+            links=links,
+            canonical=canonical,
         )
-        return plan_update(url, new, prev, req.force), state, not new
+        if canonical is not None:
+            # Another URL is this page's: it is indexed there, not here (nor twice).
+            log.info("%s: canonical is %s", url, canonical)
+            return [trim(url, 0)], state, False, ("canonical", (canonical,))
+        return plan_update(url, new, prev, req.force), state, not new, ("indexed", links or ())
 
     async def _retry_or_give_up(
         self,
@@ -255,30 +298,50 @@ class FetchStage:
         hops: int,
         retries: int,
         outcome: Outcome,
-    ) -> Awaitable:
+    ) -> tuple[Awaitable, bool]:
         """A delayed retry of a transient failure while retries are left, else a dead
-        letter; returns its delivery future."""
+        letter; returns its delivery future and whether it is a retry."""
         retry = (
             next_retry(retries, self.delays, int(time.time() * 1000)) if is_transient(exc) else None
         )
         if retry is None:
             note = f" (after {retries} delayed retries)" if retries else ""
-            return await dead_letter(
+            letter = await dead_letter(
                 self.dlq, STAGE, event, exc.error_class, f"{exc}{note}", exc.attempts, url
             )
+            return letter, False
         log.info("%s: %s; delayed retry %d in %gs", url, exc, retry.n, retry.delay_s)
         later = [
             *(hop_headers(hops) or ()),
             (RETRIES, str(retry.n).encode()),
             (NOT_BEFORE, str(retry.not_before_ms).encode()),
         ]
-        return await produce(
+        sent = await produce(
             self.retry_out[retry.n],
             event.message.key,
             event.message.value,
             outcome,
             headers=later,
             what="delayed request",
+        )
+        return sent, True
+
+    async def _report(
+        self,
+        req: UrlRequest,
+        url: str,
+        outcome: Outcome,
+        known: DocState | None = None,
+        found: Found | None = None,
+    ) -> Awaitable:
+        """Tell the crawl of ``req`` (if any) what became of the page: ``found``, or the
+        links ``known`` remembers. Sent before the event is acked, like its chunks."""
+        if req.crawl is None or self.crawl is None:
+            return _done()
+        outcome_, links = found if found is not None else _remembered(known)
+        report = CrawlReport(req.crawl, url, outcome_, links)
+        return await produce(
+            self.crawl, report.key(), encode_crawl(report), outcome, what="crawl report"
         )
 
     async def _remember(self, partition: int, url: str, state: DocState) -> None:
@@ -291,6 +354,21 @@ class FetchStage:
         await delivered([await self.state_log.send(key=key, value=value, partition=partition)])
 
 
+def _remembered(state: DocState | None) -> Found:
+    """What a crawl hears of a page it did not read now (a 304): what its state keeps."""
+    if state is None:
+        return "unchanged", ()
+    if state.canonical is not None:
+        return "canonical", (state.canonical,)
+    return "unchanged", state.links or ()
+
+
+def _done() -> Awaitable:
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future
+
+
 def _forget(running: dict[str, asyncio.Task], key: str, task: asyncio.Task) -> None:
     """A page's task is done: the next request for it need not wait (unless newer)."""
     if running.get(key) is task:
@@ -299,8 +377,13 @@ def _forget(running: dict[str, asyncio.Task], key: str, task: asyncio.Task) -> N
 
 def register(app: faust.App, settings: Settings) -> None:
     """Wire the fetch stage into ``app``: its agent on ``urls``, the delayed-retry
-    forwarder, and the rebalance signal that loads the pages' states."""
+    forwarder, the rebalance signal that loads the pages' states, and the crawl
+    frontier (``agents/frontier.py``), which the fetch workers run."""
+    from agents import frontier
+
+    frontier.register(app, settings)
     urls = topic(app, settings, URLS)
+    crawl = topic(app, settings, CRAWL)
     chunks = topic(app, settings, CHUNKS)
     dlq = dlq_topic(app, settings, URLS)
     state_log = topic(app, settings, state_topic(URLS))
@@ -345,6 +428,7 @@ def register(app: faust.App, settings: Settings) -> None:
             dlq=dlq,
             state_log=state_log,
             retry_out=retry_out,
+            crawl=crawl,
         )
         try:
             # faust hands an agent a Stream; its decorator is typed for StreamT

@@ -193,6 +193,8 @@ STATE_MAX_HASHES = 10_000
 """Chunk hashes a page's state keeps; chunks past it are re-embedded on every change."""
 VALIDATOR_MAX_CHARS = 1024
 """Longest ETag / Last-Modified kept; a longer one is dropped (the page is fetched whole)."""
+STATE_MAX_LINKS = 1000
+"""Out-links a crawled page's state keeps (``streams.crawl.MAX_LINKS`` per page are read)."""
 
 
 class DocStateRecord(TypedDict):
@@ -206,6 +208,8 @@ class DocStateRecord(TypedDict):
     requested_at: NotRequired[str]
     version: NotRequired[int]
     chunker_version: NotRequired[int]  # absent in records of chunker version 1
+    links: NotRequired[list[str]]  # a crawled page's out-links; absent: never crawled
+    canonical: NotRequired[str]  # the crawled page named this URL its canonical one
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -224,6 +228,12 @@ class DocState:
     #: The chunker that made ``hashes`` (:data:`CHUNKER_VERSION`); another one means the
     #: page is re-fetched without validators and re-embedded whole.
     chunker_version: int = CHUNKER_VERSION
+    #: A crawled page's out-links (``streams/crawl.py``), at most :data:`STATE_MAX_LINKS`:
+    #: a 304 has no body, and a re-crawl of an unchanged page must still find its links.
+    #: ``None``: the page's links were never read (a crawl fetches it without validators).
+    links: tuple[str, ...] | None = None
+    #: The crawled page named this other URL its canonical one: it is not indexed itself.
+    canonical: str | None = None
 
     @property
     def current(self) -> bool:
@@ -236,6 +246,7 @@ class DocState:
         return dataclasses.replace(
             self,
             hashes=self.hashes[:STATE_MAX_HASHES],
+            links=self.links[:STATE_MAX_LINKS] if self.links is not None else None,
             etag=etag if etag is None or len(etag) <= VALIDATOR_MAX_CHARS else None,
             last_modified=(
                 modified if modified is None or len(modified) <= VALIDATOR_MAX_CHARS else None
@@ -254,6 +265,10 @@ class DocState:
         if self.version is not None:
             out["version"] = self.version
         out["chunker_version"] = self.chunker_version
+        if self.links is not None:
+            out["links"] = list(self.links)
+        if self.canonical is not None:
+            out["canonical"] = self.canonical
         return out
 
     @classmethod
@@ -269,6 +284,8 @@ class DocState:
             version=obj.get("version"),
             # Records from before the field were made by the flat chunker: version 1.
             chunker_version=int(obj.get("chunker_version", 1)),
+            links=tuple(obj["links"]) if "links" in obj else None,
+            canonical=obj.get("canonical"),
         )
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import orjson
 from jsonschema import Draft202012Validator, ValidationError, validators
 
+from streams.crawl import Crawl
 from streams.errors import DecodeError
 from streams.ids import normalize_url
 
@@ -113,6 +114,8 @@ class UrlRequest:
     force: bool = False
     delete: bool = False
     metadata: dict[str, Any] | None = None
+    #: Set on a request of a crawl: the spec and this page's depth (``streams/crawl.py``).
+    crawl: Crawl | None = None
 
     def key(self) -> bytes:
         """The normalised URL: every producer puts one page on one partition, where the
@@ -127,13 +130,60 @@ def encode_url(req: UrlRequest) -> bytes:
     obj = {"v": VERSION, **dataclasses.asdict(req)}
     obj["force"] = obj["force"] or None
     obj["delete"] = obj["delete"] or None
+    obj["crawl"] = req.crawl.to_json() if req.crawl is not None else None
     return _dump(obj)
 
 
 def decode_url(raw: bytes | None) -> UrlRequest:
     obj = _parse("urls", raw)
     obj.pop("v")
-    return UrlRequest(**obj)
+    crawl = obj.pop("crawl", None)
+    return UrlRequest(**obj, crawl=Crawl.from_json(crawl) if crawl is not None else None)
+
+
+# --- crawl --------------------------------------------------------------------------------
+
+CrawlOutcome = Literal["indexed", "unchanged", "canonical", "failed"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CrawlReport:
+    """The fetch stage's word on one page of a crawl: what became of it and the links to
+    follow (none for a failed page: the frontier still counts it as done)."""
+
+    crawl: Crawl
+    url: str
+    outcome: CrawlOutcome
+    links: tuple[str, ...] = ()
+    reported_at: str = dataclasses.field(default_factory=utcnow)
+
+    def key(self) -> bytes:
+        """The crawl id: every report of one crawl reaches the one frontier that owns it."""
+        return self.crawl.id.encode()
+
+
+def encode_crawl(report: CrawlReport) -> bytes:
+    return _dump(
+        {
+            "v": VERSION,
+            "crawl": report.crawl.to_json(),
+            "url": report.url,
+            "outcome": report.outcome,
+            "links": list(report.links),
+            "reported_at": report.reported_at,
+        }
+    )
+
+
+def decode_crawl(raw: bytes | None) -> CrawlReport:
+    obj = _parse("crawl", raw)
+    return CrawlReport(
+        crawl=Crawl.from_json(obj["crawl"]),
+        url=obj["url"],
+        outcome=obj["outcome"],
+        links=tuple(obj["links"]),
+        reported_at=obj.get("reported_at") or utcnow(),
+    )
 
 
 # --- chunks -------------------------------------------------------------------------------

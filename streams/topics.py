@@ -24,6 +24,9 @@ from streams.settings import Settings
 log = logging.getLogger(__name__)
 
 URLS, CHUNKS, VECTORS = "urls", "chunks", "vectors"
+#: The fetch stage's reports of crawled pages (keyed by crawl id), read by the frontier
+#: (``agents/frontier.py``), which keeps each crawl's state in ``crawl.state``.
+CRAWL = "crawl"
 #: Delivery ids the webhook server has answered (compacted; read back at its startup).
 DELIVERIES = "webhooks.deliveries"
 #: How long the deliveries topic keeps a record: a day more than ``webhook_dedup_s`` may be.
@@ -59,6 +62,10 @@ def topic_specs(settings: Settings) -> dict[str, int]:
     for name in (URLS, CHUNKS, VECTORS):
         specs[settings.topic(dlq(name))] = 1
     specs[settings.topic(state_topic(URLS))] = settings.url_partitions
+    # Crawls scale with the fetch workers: as many partitions as urls, state co-partitioned.
+    specs[settings.topic(CRAWL)] = settings.url_partitions
+    specs[settings.topic(state_topic(CRAWL))] = settings.url_partitions
+    specs[settings.topic(dlq(CRAWL))] = 1
     specs[settings.topic(DELIVERIES)] = 1  # read whole at startup: one partition, in order
     for name in retry_topics(settings):
         specs[name] = settings.url_partitions
