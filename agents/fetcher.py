@@ -52,6 +52,7 @@ from agents.politeness import (
 )
 from streams import metrics
 from streams.errors import FetchFailed, ForbiddenAddress
+from streams.github import raw_auth_headers
 from streams.netpolicy import parse_host_address
 from streams.settings import Settings
 
@@ -429,6 +430,9 @@ class Fetcher:
     async def _request(
         self, url: str, headers: dict[str, str], max_bytes: int, truncate: bool
     ) -> Page:
+        # a private repository's raw files need the token: sent to that host alone, per hop
+        s = self.settings
+        headers = {**headers, **raw_auth_headers(url, s.github_raw_base, s.github_token)}
         async with self.client.stream("GET", url, headers=headers) as resp:
             status = resp.status_code
             body = b""

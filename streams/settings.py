@@ -268,6 +268,36 @@ class Settings(BaseSettings):
         default="https://raw.githubusercontent.com",
         description="Base of the raw-content URLs published for GitHub files.",
     )
+    github_api: str = Field(
+        default="https://api.github.com",
+        description="GitHub REST API base for `publish --github`; GitHub Enterprise Server is "
+        "`https://HOST/api/v3`.",
+    )
+    github_token: str = Field(
+        default="",
+        validation_alias=AliasChoices("RAGSTREAM_GITHUB_TOKEN", "GITHUB_TOKEN"),
+        description="Token for the GitHub API (listing) and for raw files under "
+        "github_raw_base (private repositories); sent to no other host. Empty = anonymous "
+        "(60 API requests an hour).",
+    )
+    github_backoff_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="First wait after a GitHub secondary rate limit that names no time "
+        "(doubled each time, as GitHub asks).",
+    )
+    github_max_wait_s: float = Field(
+        default=3900.0,
+        ge=0,
+        description="Longest `publish --github` waits on GitHub's rate limits in all before "
+        "it gives up (an error, never a partial listing).",
+    )
+    github_pace_below: int = Field(
+        default=20,
+        ge=0,
+        description="When fewer API requests than this remain, space them out until the "
+        "limit's reset instead of running into it; 0 = never.",
+    )
     webhook_max_bytes: int = Field(
         default=1024 * 1024, ge=1, description="Largest request body a webhook accepts (413)."
     )

@@ -20,11 +20,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ops.follow import Baseline, Failures, failures_since, follow
+from ops.github import list_repo, listing_requests
 from ops.progress import Snapshot
 from ops.publisher import publish
 from ops.sitemaps import MAX_DEPTH, is_sitemap_ref, read_sitemaps
 from streams import kafka
-from streams.errors import RagstreamError
+from streams.errors import ConfigError, RagstreamError
+from streams.github import parse_repo
 from streams.ids import normalize_url
 from streams.messages import UrlRequest
 from streams.settings import Settings
@@ -40,6 +42,7 @@ examples:
   ragstream publish --file urls.txt
   ragstream publish --sitemap https://example.org/sitemap.xml --wait --timeout 1800
   ragstream publish https://example.org/sitemap_index.xml        # *.xml(.gz): a sitemap
+  ragstream publish --github django/django --ref main --glob 'docs/**/*.txt' --wait
 
 exit status: 0 all done; 1 some URLs were skipped, unreadable or dead-lettered;
 2 usage error; 3 --wait timed out; 69 Kafka cannot be reached.
@@ -75,6 +78,23 @@ def register(subparsers: Any) -> None:
         default=MAX_DEPTH,
         metavar="N",
         help=f"follow sitemap indexes this many levels deep ({MAX_DEPTH})",
+    )
+    p.add_argument(
+        "--github",
+        metavar="OWNER/REPO",
+        help="publish a GitHub repository's files (raw URLs), listed through the REST API "
+        "(GITHUB_TOKEN, RAGSTREAM_GITHUB_API); rate limits are waited out",
+    )
+    p.add_argument(
+        "--ref", help="with --github: branch, tag or commit (default: the default branch)"
+    )
+    p.add_argument(
+        "--glob",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="with --github: paths to publish, e.g. 'docs/**/*.txt' (repeatable; default "
+        "RAGSTREAM_GITHUB_GLOBS)",
     )
     p.add_argument("--source", default="cli", help="recorded as the request's source")
     p.add_argument("--force", action="store_true", help="re-embed even if unchanged")
@@ -180,10 +200,15 @@ def _bars(console: Console) -> Progress:
 
 
 async def run(
-    settings: Settings, urls: list[str], args: argparse.Namespace, console: Console
+    settings: Settings,
+    urls: list[str],
+    args: argparse.Namespace,
+    console: Console,
+    requests: list[UrlRequest] | None = None,
 ) -> int:
-    """Publish (and with ``--wait`` follow) ``urls``; returns the exit status part."""
-    reqs = (
+    """Publish (and with ``--wait`` follow) ``urls``, or ``requests`` ready made (their URLs
+    are ``urls``); returns the exit status part."""
+    reqs = requests or (
         UrlRequest(url=u, source=args.source, force=args.force, delete=args.delete) for u in urls
     )
     base = await Baseline.take(settings) if args.wait else None
@@ -218,8 +243,35 @@ async def run(
     return 1 if failures.total else 0
 
 
+def publish_github(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    """``--github``: list the repository (waiting out rate limits), then publish."""
+    if args.urls or args.file or args.sitemap:
+        raise ConfigError("--github publishes a repository alone: give URLs in another run")
+    repo = parse_repo(args.github)
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    listing = asyncio.run(list_repo(settings, repo, args.ref, args.glob or None, say=say))
+    print(
+        f"listed {repo}@{listing.ref} ({listing.commit[:12]}): {len(listing.files)} of "
+        f"{listing.blobs} files match, {listing.requests} API requests, "
+        f"{listing.waited_s:.0f}s waited for rate limits",
+        file=sys.stderr,
+    )
+    requests = listing_requests(settings, listing, force=args.force, say=say)
+    if not requests:
+        raise RagstreamError(f"no file of {repo}@{listing.ref} matches the globs")
+    urls = [r.url for r in requests]
+    with kafka.translated(settings):
+        status = asyncio.run(run(settings, urls, args, console, requests))
+    return max(status, 1 if len(requests) < len(listing.files) else 0)
+
+
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
     console = Console(stderr=True)
+    if args.github:
+        return publish_github(args, settings, console)
     args.urls, sitemaps = split_args(args)
     lines = list(read_urls(args))
     status = 0
