@@ -38,11 +38,13 @@ from streams.errors import (
     TooManyChunks,
     UnsupportedContent,
 )
+from streams.pdf import looks_like_pdf, pdf_pages
 from streams.structure import MAX_HEADING_CHARS, Section, md_inline, rst_inline, sections_of
 
 __all__ = [
     "MAX_DEPTH",
     "MAX_TEXT_CHARS",
+    "FILE_TYPES",
     "ExtractTimeout",
     "Extracted",
     "PageRefused",
@@ -79,11 +81,26 @@ HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 MARKDOWN_TYPES = frozenset({"text/markdown", "text/x-markdown"})
 RST_TYPES = frozenset({"text/x-rst", "text/prs.fallenstein.rst", "text/restructuredtext"})
 PLAIN_TYPES = frozenset({"text/plain"})
+PDF_TYPES = frozenset({"application/pdf", "application/x-pdf"})
+#: Types that say nothing about the bytes: a PDF among them is known by its magic number.
+_OPAQUE_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
 TEXT_TYPES = MARKDOWN_TYPES | RST_TYPES | PLAIN_TYPES
 
 _MD_SUFFIXES = frozenset({".md", ".markdown"})
 _RST_SUFFIXES = frozenset({".rst", ".txt"})
 _HTML_SUFFIXES = frozenset({".html", ".htm", ".xhtml"})
+_PDF_SUFFIX = ".pdf"
+#: Content types of local files (``file://``) by suffix: a disk says nothing of types. These
+#: suffixes are also what ``ragstream publish DIR`` picks up (``ops/localfiles.py``).
+FILE_TYPES = {
+    **dict.fromkeys(_MD_SUFFIXES, "text/markdown"),
+    ".rst": "text/x-rst",
+    ".txt": "text/plain",
+    ".text": "text/plain",
+    **dict.fromkeys((".html", ".htm"), "text/html"),
+    ".xhtml": "application/xhtml+xml",
+    _PDF_SUFFIX: "application/pdf",
+}
 
 # --- decoding -----------------------------------------------------------------------------
 
@@ -727,12 +744,18 @@ def _looks_like_text(body: bytes) -> bool:
 
 
 def _classify(mime: str, body: bytes, url: str) -> tuple[str, str]:
-    """``(kind, flavor)``: kind is ``html``/``text``; flavor is ``html``/``md``/``rst``/``plain``.
+    """``(kind, flavor)``: kind is ``html``/``text``/``pdf``; flavor is ``html``/``md``/``rst``/
+    ``plain``/``pdf``.
 
     The declared type decides; the URL suffix only refines a text type (``text/plain`` for a
-    ``.md`` file is common) or stands in when the server sent no type at all.
+    ``.md`` file is common) or stands in when the server sent no type at all. A PDF sent as
+    ``application/octet-stream`` (or untyped) is known by its ``%PDF-`` magic or ``.pdf``.
     """
     suffix = _suffix(url)
+    if mime in PDF_TYPES or (
+        mime in _OPAQUE_TYPES and (looks_like_pdf(body) or suffix == _PDF_SUFFIX)
+    ):
+        return "pdf", "pdf"
     if mime in HTML_TYPES:
         return "html", "html"
     if mime in MARKDOWN_TYPES:
@@ -756,6 +779,16 @@ def _classify(mime: str, body: bytes, url: str) -> tuple[str, str]:
     raise UnsupportedContent(f"unsupported content type (none given, binary body) for {url}")
 
 
+def _extract_pdf(body: bytes, url: str, max_chars: int) -> Extracted:
+    """A PDF: its pages' text (``streams/pdf.py``), each page a section ``Page N`` (empty
+    pages count but make none); title from ``/Title``, else the first line of text."""
+    meta_title, pages = pdf_pages(body, url, max_chars, normalize_text)
+    text = "\n\n".join(p for p in pages if p)
+    title = _clean_title(meta_title) or _clean_title(_first_line(text.split("\n"), False))
+    sections = tuple(Section((f"Page {n}",), p) for n, p in enumerate(pages, 1) if p)
+    return Extracted(text=text, title=title, kind="pdf", sections=sections, flavor="pdf")
+
+
 def extract_text(
     body: bytes,
     content_type: str | None,
@@ -773,26 +806,29 @@ def extract_text(
     newline-separated blocks with collapsed whitespace; title from ``<title>``, else the
     first ``<h1>``. Plain text, Markdown and reStructuredText: the text with normalised
     newlines; title from the first heading (``# `` in Markdown, an underlined line in
-    reStructuredText), else the first non-empty line.
+    reStructuredText), else the first non-empty line. PDF (``streams/pdf.py``): the text of
+    each page, a section per page; title from the document's ``/Title``, else its first line.
 
     Raises a ``PageRefused`` (a ``ValueError``) naming the reason, so the caller can
     dead-letter the URL with its ``error_class``: ``UnsupportedContent`` for types that are
-    not text, ``PageTooDeep`` for HTML nested over ``max_depth``, ``PageTooLarge`` for text
-    over ``max_chars`` characters.
+    not text (and encrypted or unreadable PDFs), ``PageTooDeep`` for HTML nested over
+    ``max_depth``, ``PageTooLarge`` for text over ``max_chars`` characters.
     """
     mime, params = _parse_content_type(content_type)
     kind, flavor = _classify(mime, body, url)
-    text = _decode(body, params.get("charset"), is_html=kind == "html")
-    if kind == "html":
+    if kind == "pdf":
+        out = _extract_pdf(body, url, max_chars)
+    elif kind == "html":
+        text = _decode(body, params.get("charset"), is_html=True)
         out = _extract_html(text, max_depth, structured)
     else:
-        text = normalize_text(text)
+        text = normalize_text(_decode(body, params.get("charset"), is_html=False))
         title = _clean_title(_text_title(text, flavor))
         out = Extracted(text=text, title=title, kind="text", flavor=flavor)
     if len(out.text) > max_chars:
         raise PageTooLarge(
             f"extracted text has {len(out.text)} characters, more than the limit {max_chars}"
         )
-    if structured and kind != "html":  # after the size check: parse only what is kept
+    if structured and kind == "text":  # after the size check: parse only what is kept
         out = replace(out, sections=tuple(sections_of(out.text, flavor)))
     return out

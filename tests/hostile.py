@@ -283,3 +283,135 @@ class FlakySite:
 def deflate_raw(data: bytes) -> bytes:
     c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     return c.compress(data) + c.flush()
+
+
+# --- PDFs: made here, never committed as binaries ------------------------------------------
+
+
+def _pdf_string(line: str) -> str:
+    return "(" + line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)") + ")"
+
+
+def make_pdf(pages: list[str], title: str | None = None, password: str | None = None) -> bytes:
+    """A real PDF (written by pypdf) with one Helvetica text page per item of ``pages``
+    (lines split on newlines, Latin-1 text), an optional ``/Title`` and an optional user
+    password (pypdf's default encryption)."""
+    import io
+
+    from pypdf import PdfWriter
+    from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
+
+    writer = PdfWriter()
+    font = writer._add_object(
+        DictionaryObject(
+            {
+                NameObject("/Type"): NameObject("/Font"),
+                NameObject("/Subtype"): NameObject("/Type1"),
+                NameObject("/BaseFont"): NameObject("/Helvetica"),
+            }
+        )
+    )
+    for text in pages:
+        page = writer.add_blank_page(612, 792)
+        page[NameObject("/Resources")] = DictionaryObject(
+            {NameObject("/Font"): DictionaryObject({NameObject("/F1"): font})}
+        )
+        ops = ["BT", "/F1 11 Tf", "13 TL", "72 740 Td"]
+        ops += [f"{_pdf_string(line)} Tj T*" for line in text.split("\n")]
+        ops.append("ET")
+        content = DecodedStreamObject()
+        content.set_data("\n".join(ops).encode("latin-1"))
+        page[NameObject("/Contents")] = writer._add_object(content)
+    if title is not None:
+        writer.add_metadata({"/Title": title})
+    if password is not None:
+        writer.encrypt(password)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def raw_pdf(objects: list[bytes], root: int = 1) -> bytes:
+    """A PDF file of ``objects`` (object ``n`` is ``objects[n - 1]``, its body without
+    ``n 0 obj``) with a correct cross-reference table: hostile structures that no writer
+    would make."""
+    out = bytearray(b"%PDF-1.7\n")
+    offsets = []
+    for n, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % n + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % off for off in offsets)
+    out += b"trailer\n<< /Size %d /Root %d 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        root,
+        xref,
+    )
+    return bytes(out)
+
+
+_FONT = b"/Resources << /Font << /F1 << /Type /Font /Subtype /Type1 /BaseFont /Helvetica >> >> >>"
+_PAGE = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R " + _FONT + b" >>"
+_TEXT = b"<< /Length 38 >>\nstream\nBT /F1 11 Tf 72 740 Td (hostile) Tj ET\nendstream"
+
+
+def pdf_page_cycle() -> bytes:
+    """A page tree whose ``/Pages`` node lists itself among its kids: a naive walk never
+    ends."""
+    return raw_pdf(
+        [
+            b"<< /Type /Catalog /Pages 2 0 R >>",
+            b"<< /Type /Pages /Kids [3 0 R 2 0 R] /Count 2 >>",
+            _PAGE,
+            _TEXT,
+        ]
+    )
+
+
+def pdf_deep_tree(depth: int = 5000) -> bytes:
+    """``/Pages`` nodes nested ``depth`` deep above one page: a recursive walk overflows."""
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>"]
+    first = 2
+    for i in range(depth):
+        n = first + i
+        parent = b"" if i == 0 else b" /Parent %d 0 R" % (n - 1)
+        objects.append(b"<< /Type /Pages /Kids [%d 0 R] /Count 1%s >>" % (n + 1, parent))
+    leaf = first + depth
+    contents = leaf + 1
+    objects.append(
+        b"<< /Type /Page /Parent %d 0 R /MediaBox [0 0 612 792] /Contents %d 0 R %s >>"
+        % (leaf - 1, contents, _FONT)
+    )
+    objects.append(_TEXT)
+    return raw_pdf(objects)
+
+
+def pdf_many_pages(pages: int) -> bytes:
+    """``pages`` entries in one ``/Kids`` array, every one the same small page object: a
+    file of a few bytes a page that claims a book."""
+    kids = b" ".join([b"3 0 R"] * pages)
+    return raw_pdf(
+        [
+            b"<< /Type /Catalog /Pages 2 0 R >>",
+            b"<< /Type /Pages /Kids [" + kids + b"] /Count %d >>" % pages,
+            _PAGE,
+            _TEXT,
+        ]
+    )
+
+
+def pdf_stream_bomb(mib: int) -> bytes:
+    """One page whose content stream inflates (FlateDecode) to ``mib`` MiB: a line of text,
+    then spaces."""
+    packed = zlib.compress(b"BT /F1 11 Tf 72 740 Td (bomb) Tj ET" + b" " * (mib * 1024 * 1024), 9)
+    return raw_pdf(
+        [
+            b"<< /Type /Catalog /Pages 2 0 R >>",
+            b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            _PAGE,
+            b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(packed)
+            + packed
+            + b"\nendstream",
+        ]
+    )

@@ -408,7 +408,6 @@ def test_txt_rst_and_plain_titles() -> None:
     "content_type",
     [
         "image/png",
-        "application/pdf",
         "application/octet-stream",
         "application/zip",
         "video/mp4",
@@ -424,7 +423,17 @@ def test_unsupported_types_raise_with_the_type(content_type: str) -> None:
 def test_unsupported_is_a_value_error_and_binary_without_type_is_refused() -> None:
     assert issubclass(UnsupportedContent, ValueError)
     with pytest.raises(UnsupportedContent, match="none given"):
-        extract_text(b"%PDF-1.7\n\x00\x01\x02binary", None, "https://x.org/file")
+        extract_text(b"\x89PNG\r\n\x00\x01\x02binary", None, "https://x.org/file")
+
+
+@pytest.mark.parametrize("content_type", ["application/pdf", "application/octet-stream", None])
+def test_bytes_that_claim_to_be_a_pdf_and_are_not_are_unsupported(
+    content_type: str | None,
+) -> None:
+    """A PDF is read (tests/test_pdf.py); one pypdf cannot read is refused as such, whether
+    the server said so or its ``%PDF-`` magic did."""
+    with pytest.raises(UnsupportedContent, match="unreadable PDF"):
+        extract_text(b"%PDF-1.7\n\x00\x01\x02binary", content_type, "https://x.org/file")
 
 
 def test_extracted_is_frozen() -> None:
