@@ -53,7 +53,7 @@ from agents.politeness import (
 from streams import metrics
 from streams.errors import FetchFailed, ForbiddenAddress
 from streams.github import raw_auth_headers
-from streams.netpolicy import parse_host_address
+from streams.netpolicy import FILE_SCHEME, parse_host_address
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,10 @@ class Fetcher:
     async def fetch(
         self, url: str, etag: str | None = None, last_modified: str | None = None
     ) -> Page:
-        """The page, a 304 when validators matched, or a ``gone`` page; else FetchFailed."""
+        """The page, a 304 when validators matched, or a ``gone`` page; else FetchFailed.
+        A ``file://`` URL is read from disk (``agents/filereader.py``)."""
+        if urlsplit(url).scheme.lower() == FILE_SCHEME:
+            return await self._read_local(url, etag)
         headers = {}
         if etag:
             headers["If-None-Match"] = etag
@@ -282,6 +285,21 @@ class Fetcher:
             headers["If-Modified-Since"] = last_modified
         s = self.settings
         return await self._fetch(url, headers, s.fetch_max_bytes, robots=s.fetch_robots)
+
+    async def _read_local(self, url: str, etag: str | None) -> Page:
+        """A local file in a thread, within the fetch deadline; no robots, no politeness."""
+        from agents.filereader import read_local  # it builds Pages: imported once used
+
+        s = self.settings
+        try:
+            async with asyncio.timeout(s.fetch_deadline_s):
+                return await asyncio.to_thread(
+                    read_local, url, self.policy, s.fetch_max_bytes, etag
+                )
+        except TimeoutError:
+            raise FetchFailed(
+                "deadline", f"{url}: not read within {s.fetch_deadline_s:g}s (fetch_deadline_s)"
+            ) from None
 
     async def _fetch(
         self,

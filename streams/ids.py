@@ -129,8 +129,20 @@ def _host(parts: SplitResult, url: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _normalize_file(parts: SplitResult, url: str) -> str:
+    """``file:///path`` (``localhost`` as host drops out): percent-escapes canonical, no
+    fragment; the path as written otherwise (the fetch policy refuses ``..`` in it)."""
+    if parts.netloc.lower() not in ("", "localhost"):
+        raise ValueError(f"a file URL names a local path (file:///path), not a host: {url!r}")
+    if parts.query:
+        raise ValueError(f"a file URL has no query: {url!r}")
+    if not parts.path.startswith("/"):
+        raise ValueError(f"a file URL needs an absolute path: {url!r}")
+    return "file://" + _normalize_pct(parts.path, _PATH_SAFE)
+
+
 def normalize_url(url: str) -> str:
-    """The canonical form of an http(s) URL, the input of :func:`doc_id`.
+    """The canonical form of an http(s) or ``file://`` URL, the input of :func:`doc_id`.
 
     Lowercases scheme and host, drops the default port, the fragment (it never reaches the
     server) and tracking parameters (``utm_*``, ``fbclid``, ``gclid``), sorts the remaining
@@ -138,7 +150,9 @@ def normalize_url(url: str) -> str:
     empty path becomes ``/`` (the same request); a trailing slash is otherwise kept as given,
     since ``/a`` and ``/a/`` may be different resources.
 
-    Raises ``ValueError`` for anything but an absolute http(s) URL with a host.
+    Raises ``ValueError`` for anything but an absolute http(s) URL with a host or a
+    ``file:///path`` URL (a local file: whether it may be read is the fetch policy's call,
+    ``streams/netpolicy.py``; the webhook server refuses file URLs).
     """
     if not isinstance(url, str):
         raise ValueError(f"URL must be a string, got {type(url).__name__}")
@@ -148,6 +162,8 @@ def normalize_url(url: str) -> str:
     except ValueError as exc:  # e.g. an unbalanced IPv6 bracket
         raise ValueError(f"not a valid URL: {url!r} ({exc})") from exc
     scheme = parts.scheme.lower()
+    if scheme == "file":
+        return _normalize_file(parts, url)
     if scheme not in _DEFAULT_PORTS:
         shown = scheme or "none"
         raise ValueError(f"only http and https URLs are supported (scheme {shown}): {url!r}")

@@ -17,19 +17,80 @@ they carry, since that is where the packets end up.
 Ranges are listed here rather than taken from ``ipaddress``' ``is_private``/``is_global``
 alone: those flags changed between Python releases (3.11 calls multicast "global"), and a
 refusal should name its reason. ``is_global`` is still consulted last as a safety net.
+
+Local files (``file://``) are a second door into the machine, so they are shut by default
+too: a ``file:///srv/docs`` entry in the allow list opens that directory (and what lies
+under it) and nothing else. Here is the pure half of that rule (the URL's path, lexically
+under an allowed directory, no ``.`` or ``..`` segments, no host); what only the file
+system can tell (a symlink that leads out, a device or FIFO) is checked where the file is
+opened (``agents/fetcher.py``, ``read_local``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from urllib.parse import urlsplit
+import posixpath
+from urllib.parse import unquote, urlsplit
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-#: Schemes the fetcher speaks; anything else (file, ftp, gopher, data...) is refused.
+#: Schemes the fetcher speaks; anything else (ftp, gopher, data...) is refused. ``file``
+#: is judged apart (``AddressPolicy.file_refusal``): only under an allowed directory.
 SCHEMES = ("http", "https")
+FILE_SCHEME = "file"
+#: What a ``file://`` URL may name as its host: nothing, or this machine.
+_LOCAL_HOSTS = ("", "localhost")
+
+
+def file_path(url: str) -> str:
+    """The absolute local path a ``file://`` URL names (percent-escapes decoded), or
+    ``ValueError``: another host, a query, a relative path, a NUL byte, or a ``.``/``..``
+    segment (the path is judged as written, never resolved lexically here)."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {url!r} ({exc})") from None
+    if parts.scheme.lower() != FILE_SCHEME:
+        raise ValueError(f"not a file URL: {url!r}")
+    if parts.netloc.lower() not in _LOCAL_HOSTS:
+        raise ValueError(f"a file URL names a local path (file:///path), not a host: {url!r}")
+    if parts.query:
+        raise ValueError(f"a file URL has no query: {url!r}")
+    try:
+        path = unquote(parts.path, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError(f"a file URL's path is not UTF-8 once unescaped: {url!r}") from None
+    if not path.startswith("/"):
+        raise ValueError(f"a file URL needs an absolute path: {url!r}")
+    if "\0" in path:
+        raise ValueError(f"a file URL's path holds a NUL byte: {url!r}")
+    if any(seg in (".", "..") for seg in path.split("/")):
+        raise ValueError(f"a file URL may not hold '.' or '..' segments: {url!r}")
+    return path
+
+
+def _under(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or lies below it (both absolute and normalised)."""
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def is_under(path: str, roots: tuple[str, ...]) -> bool:
+    """Whether ``path`` lies in one of the directories ``roots`` (lexically)."""
+    return any(_under(path, root) for root in roots)
+
+
+def _file_root(raw: str) -> str:
+    """A directory of the allow list, from its ``file:///abs/dir`` entry."""
+    try:
+        path = file_path(raw)
+    except ValueError as exc:
+        raise ValueError(f"fetch allow list: {raw!r}: {exc}") from None
+    root = posixpath.normpath(path)
+    if root == "/":
+        raise ValueError(f"fetch allow list: {raw!r} would open the whole file system")
+    return root
 
 
 def _nets(rows: tuple[tuple[str, str], ...]) -> tuple[tuple[Network, str], ...]:
@@ -206,16 +267,23 @@ class AddressPolicy:
     networks: tuple[Network, ...] = ()
     hosts: frozenset[str] = frozenset()
     suffixes: tuple[str, ...] = ()
+    #: Directories whose files ``file://`` URLs may name (``file:///srv/docs`` entries).
+    file_roots: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> AddressPolicy:
-        """From ``RAGSTREAM_FETCH_ALLOW``: comma-separated CIDRs, addresses and host names."""
+        """From ``RAGSTREAM_FETCH_ALLOW``: comma-separated CIDRs, addresses, host names and
+        ``file:///abs/dir`` directories (a path keeps its case; ``,`` cannot be in one)."""
         networks: list[Network] = []
         hosts: set[str] = set()
         suffixes: list[str] = []
+        roots: list[str] = []
         for raw in text.split(","):
             entry = raw.strip().lower()
             if not entry:
+                continue
+            if entry.startswith(FILE_SCHEME + ":"):
+                roots.append(_file_root(raw.strip()))
                 continue
             try:
                 networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
@@ -240,7 +308,7 @@ class AddressPolicy:
                 suffixes.append("." + name)
             else:
                 hosts.add(name)
-        return cls(tuple(networks), frozenset(hosts), tuple(suffixes))
+        return cls(tuple(networks), frozenset(hosts), tuple(suffixes), tuple(roots))
 
     def allows_host(self, host: str) -> bool:
         """Whether ``host`` (a name as written in the URL) is allowed by name."""
@@ -266,9 +334,28 @@ class AddressPolicy:
         where = str(addr) if parse_host_address(host) == addr else f"{host} -> {addr}"
         return f"{where}: {reason} address, not in RAGSTREAM_FETCH_ALLOW"
 
+    def file_refusal(self, url: str) -> str | None:
+        """Why the ``file://`` URL may not be read, or None: it must name a path under a
+        directory of the allow list (lexically; ``read_local`` checks where it leads)."""
+        if not self.file_roots:
+            return (
+                f"{url}: file URLs are read only under a directory named in "
+                "RAGSTREAM_FETCH_ALLOW (e.g. file:///srv/docs); none is"
+            )
+        try:
+            path = file_path(url)
+        except ValueError as exc:
+            return str(exc)
+        if not is_under(path, self.file_roots):
+            allowed = ", ".join(f"file://{r}" for r in self.file_roots)
+            return f"{path} is not under a directory of RAGSTREAM_FETCH_ALLOW ({allowed})"
+        return None
+
     def url_refusal(self, url: str) -> str | None:
         """What the URL alone says is refused: its scheme, or a host that spells a
-        forbidden address. Names pass here; their addresses are judged at connect time."""
+        forbidden address. Names pass here; their addresses are judged at connect time.
+        Only http(s): a ``file://`` URL is judged by :meth:`file_refusal`, never here (an
+        HTTP redirect to one is refused)."""
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in SCHEMES:

@@ -81,7 +81,9 @@ def test_normalize_url_is_idempotent() -> None:
     ("raw", "message"),
     [
         ("ftp://example.com/file", "only http and https"),
-        ("file:///etc/passwd", "only http and https"),
+        ("file://host/etc/passwd", "local path"),  # file URLs: only file:///path
+        ("file:///a?b=1", "no query"),
+        ("file:relative", "absolute path"),
         ("mailto:someone@example.com", "only http and https"),
         ("example.com/page", "only http and https"),
         ("//example.com/page", "only http and https"),
@@ -96,6 +98,15 @@ def test_normalize_url_is_idempotent() -> None:
 def test_normalize_url_rejects(raw: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         normalize_url(raw)
+
+
+def test_file_urls_normalize_to_one_spelling() -> None:
+    """Local files (``ragstream publish ./docs``) are documents too; whether one may be read
+    is the fetch policy's call (tests/test_netpolicy.py), not the normaliser's."""
+    for raw in ("FILE:///srv/docs/a%7e%2fb.md#top", "file://localhost/srv/docs/a~%2Fb.md"):
+        assert normalize_url(raw) == "file:///srv/docs/a~%2Fb.md"
+    assert normalize_url("file:///srv/my docs/caf\u00e9.md") == "file:///srv/my%20docs/caf%C3%A9.md"
+    assert doc_id("file:///srv/docs/a.md") == doc_id("file://localhost/srv/docs/a.md")
 
 
 def test_doc_id_is_blake2b_128_of_normalised_url() -> None:

@@ -219,3 +219,60 @@ def test_allow_list_typos_are_errors(entry: str) -> None:
 def test_the_guard_is_on_by_default() -> None:
     assert Settings.model_fields["fetch_allow"].default == ""
     assert Settings(fetch_allow="").fetch_policy.url_refusal("http://127.0.0.1/") is not None
+
+
+# --- file:// URLs: only under a directory the allow list names ---------------------------
+
+
+def test_file_urls_are_refused_without_a_directory_in_the_allow_list() -> None:
+    for allow in ("", "127.0.0.1/32,wiki.corp.example"):
+        got = AddressPolicy.parse(allow).file_refusal("file:///srv/docs/a.md")
+        assert got is not None and "RAGSTREAM_FETCH_ALLOW" in got
+    # and an http(s) check never lets a file URL through, allowed directory or not
+    with_dir = AddressPolicy.parse("file:///srv/docs")
+    assert "scheme 'file'" in (with_dir.url_refusal("file:///srv/docs/a.md") or "")
+
+
+def test_a_file_entry_allows_its_directory_and_nothing_beside_it() -> None:
+    policy = AddressPolicy.parse("127.0.0.1/32, file:///srv/Docs/ ,file://localhost/opt/x%20y")
+    assert policy.file_roots == ("/srv/Docs", "/opt/x y")  # case kept, escapes decoded
+    assert policy.networks == (ipaddress.ip_network("127.0.0.1/32"),)
+    for url in (
+        "file:///srv/Docs/a.md",
+        "file:///srv/Docs/sub/dir/b.pdf",
+        "file:///srv/Docs",
+        "file://localhost/srv/Docs/a.md",
+        "file:///opt/x%20y/readme.txt",
+        "file:///srv/Docs/caf%C3%A9.md",
+    ):
+        assert policy.file_refusal(url) is None, url
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        ("file:///srv/DocsX/a.md", "not under"),  # a sibling sharing the prefix
+        ("file:///srv/docs/a.md", "not under"),  # paths keep their case
+        ("file:///srv/a.md", "not under"),
+        ("file:///etc/passwd", "not under"),
+        ("file:///srv/Docs/../../etc/passwd", "'..'"),
+        ("file:///srv/Docs/%2e%2e/secret", "'..'"),  # escaped dots are dots
+        ("file:///srv/Docs/./a.md", "'..'"),
+        ("file://evil.example/srv/Docs/a.md", "not a host"),
+        ("file:///srv/Docs/a.md?x=1", "no query"),
+        ("file:///srv/Docs/a%00.md", "NUL"),
+        ("file:///srv/Docs/%FF.md", "not"),  # not UTF-8
+        ("file:srv/Docs/a.md", "absolute"),
+    ],
+)
+def test_file_refusals(url: str, refused: str) -> None:
+    got = AddressPolicy.parse("file:///srv/Docs").file_refusal(url)
+    assert got is not None and refused in got, (url, got)
+
+
+@pytest.mark.parametrize(
+    "entry", ["file:///", "file://", "file:relative/dir", "file://host/dir", "file:///a/../b"]
+)
+def test_file_entries_that_open_too_much_or_nothing_are_errors(entry: str) -> None:
+    with pytest.raises(ValueError, match="fetch allow list"):
+        AddressPolicy.parse(entry)

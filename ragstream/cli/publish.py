@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ops.follow import Baseline, Failures, failures_since, follow
 from ops.github import list_repo, listing_requests
+from ops.localfiles import expand, is_local_path
 from ops.progress import Snapshot
 from ops.publisher import publish
 from ops.sitemaps import MAX_DEPTH, is_sitemap_ref, read_sitemaps
@@ -42,6 +43,7 @@ examples:
   ragstream publish --file urls.txt
   ragstream publish --sitemap https://example.org/sitemap.xml --wait --timeout 1800
   ragstream publish https://example.org/sitemap_index.xml        # *.xml(.gz): a sitemap
+  ragstream publish ./docs     # files on disk, as file:// URLs (see RAGSTREAM_FETCH_ALLOW)
   ragstream publish --github django/django --ref main --glob 'docs/**/*.txt' --wait
 
 exit status: 0 all done; 1 some URLs were skipped, unreadable or dead-lettered;
@@ -62,7 +64,8 @@ def register(subparsers: Any) -> None:
         "urls",
         nargs="*",
         help="URLs; '-' reads one URL per line from stdin; one ending in .xml or .xml.gz is "
-        "read as a sitemap",
+        "read as a sitemap; a file or directory on disk publishes its files (file:// URLs, "
+        "allowed by a file:///dir entry in RAGSTREAM_FETCH_ALLOW)",
     )
     p.add_argument("--file", "-f", action="append", default=[], help="file with one URL a line")
     p.add_argument(
@@ -273,7 +276,16 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
     if args.github:
         return publish_github(args, settings, console)
     args.urls, sitemaps = split_args(args)
+    local = [u for u in args.urls if is_local_path(u)]
+    args.urls = [u for u in args.urls if u not in local]
     lines = list(read_urls(args))
+    if local:
+        found = expand(local, settings.fetch_policy)
+        print(
+            f"found {len(found.urls)} files in {', '.join(local)} ({found.skipped} passed over)",
+            file=sys.stderr,
+        )
+        lines.extend(found.urls)
     status = 0
     if sitemaps:
         if not logging.getLogger().isEnabledFor(logging.DEBUG):
