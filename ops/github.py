@@ -282,7 +282,12 @@ async def list_repo(
 
 
 def listing_requests(
-    settings: Settings, listing: Listing, *, force: bool = False, say: Say = _quiet
+    settings: Settings,
+    listing: Listing,
+    *,
+    force: bool = False,
+    delete: bool = False,
+    say: Say = _quiet,
 ) -> list[UrlRequest]:
     """The ``urls`` messages of a listing; a file whose URL is not acceptable (too long)
     is named and left out."""
@@ -302,5 +307,5 @@ def listing_requests(
         except BadRequest as exc:
             say(f"skipped: {exc}")
             continue
-        out.append(dataclasses.replace(req, force=force))
+        out.append(dataclasses.replace(req, force=force, delete=delete))
     return out

@@ -322,7 +322,8 @@ def test_listing_requests_name_the_ref_and_record_the_commit(unit_settings: Sett
         listing = asyncio.run(list_repo(s, "owner/repo", None, ["docs/*.txt"]))
     reqs = listing_requests(s, listing)
     assert [r.url for r in reqs] == [f"{fake.raw}/owner/repo/main/{p}" for p in listing.files]
-    assert len(reqs) == 8
+    assert len(reqs) == 8 and not any(r.delete or r.force for r in reqs)
+    assert all(r.delete for r in listing_requests(s, listing, delete=True))
     assert reqs[0].metadata == {
         "repository": "owner/repo", "ref": "main", "commit": COMMIT, "path": "docs/topic0.txt"
     }  # fmt: skip
@@ -408,3 +409,25 @@ def test_publish_github_indexes_every_matching_file(
     for path in expected:
         assert files[path].decode().strip() in texts, path
     assert "Module 0 notes" not in texts and "API 0" not in texts
+
+
+def test_cli_refusals(
+    unit_settings: Settings,
+    cli_environ: Callable[[Settings], None],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What the command refuses, as one line and exit status 2, before anything is sent
+    to Kafka (``unit_settings`` point at no broker)."""
+    from ragstream.cli import main
+
+    with FakeGitHub(repo_files()) as fake:
+        cli_environ(gh_settings(unit_settings, fake))
+        cases = [
+            (["--github", "owner/repo", "https://example.org/"], "a repository alone"),
+            (["--github", "https://github.com/owner/repo"], "OWNER/REPO"),
+            (["--github", "owner/missing"], "404"),
+            (["--github", "owner/repo", "--glob", "*.none"], "no file of owner/repo@main"),
+        ]
+        for argv, message in cases:
+            assert main(["publish", *argv]) == 2, argv
+            assert message in capsys.readouterr().err, argv

@@ -262,7 +262,7 @@ def publish_github(args: argparse.Namespace, settings: Settings, console: Consol
         f"{listing.waited_s:.0f}s waited for rate limits",
         file=sys.stderr,
     )
-    requests = listing_requests(settings, listing, force=args.force, say=say)
+    requests = listing_requests(settings, listing, force=args.force, delete=args.delete, say=say)
     if not requests:
         raise RagstreamError(f"no file of {repo}@{listing.ref} matches the globs")
     urls = [r.url for r in requests]
