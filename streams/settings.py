@@ -83,7 +83,9 @@ class Settings(BaseSettings):
         description="Comma-separated CIDRs and host names (`*.corp.example` for a domain) the "
         "fetcher may reach although they are loopback, private, link-local, metadata or "
         "otherwise non-public; empty = public addresses only. E.g. `127.0.0.1/32` for a local "
-        "server, `10.0.0.0/8,wiki.corp.example` on an intranet.",
+        "server, `10.0.0.0/8,wiki.corp.example` on an intranet. A `file:///abs/dir` entry lets "
+        "`file://` URLs read the files under that directory (off without one; "
+        "docs/security.md).",
     )
     fetch_max_redirects: int = Field(
         default=5, ge=0, le=20, description="Redirects followed per page, each one checked."
