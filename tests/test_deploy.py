@@ -403,3 +403,45 @@ def test_grafana_is_provisioned_from_the_files_compose_mounts() -> None:
     (source,) = yaml.safe_load(DATASOURCES.read_text())["datasources"]
     host = re.match(r"http://([\w-]+):\d+$", source["url"])
     assert host and host.group(1) == "prometheus"
+
+
+# --- Kubernetes examples -------------------------------------------------------------------
+
+
+def test_kubernetes_probes_and_annotations_use_the_port_each_process_serves() -> None:
+    from streams.topics import STAGES
+
+    docs = [
+        d
+        for path in sorted((DEPLOY / "k8s").glob("*.yaml"))
+        for d in yaml.safe_load_all(path.read_text())
+    ]
+    (config,) = [d["data"] for d in docs if d["kind"] == "ConfigMap"]
+    assert config["RAGSTREAM_METRICS_HOST"] == "0.0.0.0"
+    stages = []
+    for deployment in (d for d in docs if d["kind"] == "Deployment"):
+        pod = deployment["spec"]["template"]
+        (container,) = pod["spec"]["containers"]
+        args = container["args"]
+        if args[0] == "webhooks":
+            port = int(args[args.index("--port") + 1])
+            assert args[args.index("--host") + 1] == "0.0.0.0"
+        else:
+            stages.append(args[args.index("--stages") + 1])
+            env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+            port = int(env.get("RAGSTREAM_METRICS_PORT", config["RAGSTREAM_METRICS_PORT"]))
+        named = {p["name"]: p["containerPort"] for p in container["ports"]}
+        probes = {k: v["httpGet"] for k, v in container.items() if k.endswith("Probe")}
+        assert probes["livenessProbe"]["path"] == "/livez"
+        assert probes["readinessProbe"]["path"] == "/readyz"
+        for probe in probes.values():
+            assert named.get(probe["port"], probe["port"]) == port, container["name"]
+        annotations = pod["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert int(annotations["prometheus.io/port"]) == port
+        limits = container["resources"]["limits"]
+        assert (int(limits.get("nvidia.com/gpu", 0)) >= 1) == (args[-1] == "embed")
+        if args[0] == "webhooks" or args[-1] in ("fetch", "embed"):
+            mounts = [m["mountPath"] for m in container["volumeMounts"]]
+            assert any(config["RAGSTREAM_MODEL"].startswith(m + "/") for m in mounts)
+    assert sorted(stages) == sorted(STAGES)
