@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ops import crawl as ops_crawl
 from ops.follow import Baseline, Failures, failures_since, follow
 from ops.github import list_repo, listing_requests
 from ops.localfiles import expand, is_local_path
@@ -26,6 +27,7 @@ from ops.progress import Snapshot
 from ops.publisher import publish
 from ops.sitemaps import MAX_DEPTH, is_sitemap_ref, read_sitemaps
 from streams import kafka
+from streams.crawl import DEFAULT_MAX_DEPTH, DEFAULT_MAX_PAGES, Crawl
 from streams.errors import ConfigError, RagstreamError
 from streams.github import parse_repo
 from streams.ids import normalize_url
@@ -45,6 +47,7 @@ examples:
   ragstream publish https://example.org/sitemap_index.xml        # *.xml(.gz): a sitemap
   ragstream publish ./docs     # files on disk, as file:// URLs (see RAGSTREAM_FETCH_ALLOW)
   ragstream publish --github django/django --ref main --glob 'docs/**/*.txt' --wait
+  ragstream publish --crawl https://example.org/docs/ --max-pages 500 --wait
 
 exit status: 0 all done; 1 some URLs were skipped, unreadable or dead-lettered;
 2 usage error; 3 --wait timed out; 69 Kafka cannot be reached.
@@ -114,6 +117,7 @@ def register(subparsers: Any) -> None:
         metavar="S",
         help="with --wait: give up after S seconds (exit status 3)",
     )
+    add_crawl_arguments(p)
     p.set_defaults(func=cmd_publish)
 
 
@@ -272,6 +276,8 @@ def publish_github(args: argparse.Namespace, settings: Settings, console: Consol
 
 
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    if args.crawl:
+        return cmd_crawl(args, settings)
     console = Console(stderr=True)
     if args.github:
         return publish_github(args, settings, console)
@@ -313,3 +319,149 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
         status = 1
     with kafka.translated(settings):
         return max(asyncio.run(run(settings, urls, args, console)), status)
+
+
+# --- crawling (publish --crawl): ops/crawl.py starts and follows, streams/crawl.py rules ---
+
+
+def add_crawl_arguments(p: Any) -> None:
+    """The crawl options of ``publish`` (``--crawl`` and what shapes the crawl)."""
+    g = p.add_argument_group("crawling (the fetch workers follow the links)")
+    g.add_argument(
+        "--crawl",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="crawl from URL: its pages' links in scope are fetched too (repeatable)",
+    )
+    g.add_argument(
+        "--scope",
+        metavar="PREFIX",
+        help="follow only URLs starting with PREFIX (default: the root's scheme, host, "
+        "port and directory)",
+    )
+    g.add_argument(
+        "--max-depth",
+        type=int,
+        default=DEFAULT_MAX_DEPTH,
+        metavar="N",
+        help=f"follow links at most N hops from the root ({DEFAULT_MAX_DEPTH})",
+    )
+    g.add_argument(
+        "--max-pages",
+        type=int,
+        default=DEFAULT_MAX_PAGES,
+        metavar="N",
+        help=f"fetch at most N pages per crawl ({DEFAULT_MAX_PAGES})",
+    )
+    g.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="follow only URLs matching one such glob (on the whole URL; repeatable)",
+    )
+    g.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="never follow URLs matching the glob (on the whole URL; repeatable)",
+    )
+    g.add_argument(
+        "--every",
+        metavar="DURATION",
+        help="crawl again each DURATION (30m, 1h, 1d) until interrupted; unchanged pages "
+        "cost one conditional GET each",
+    )
+
+
+def crawls_of(args: argparse.Namespace) -> list[Crawl]:
+    """One new crawl (a fresh id) per ``--crawl`` root."""
+    out = []
+    for root in args.crawl:
+        try:
+            out.append(
+                Crawl.start(
+                    ops_crawl.new_crawl_id(),
+                    root,
+                    scope=args.scope,
+                    max_depth=args.max_depth,
+                    max_pages=args.max_pages,
+                    include=args.include,
+                    exclude=args.exclude,
+                )
+            )
+        except ValueError as exc:
+            raise RagstreamError(f"--crawl {root}: {exc}") from None
+    return out
+
+
+def crawl_summary_lines(followed: ops_crawl.Followed, elapsed_s: float) -> list[str]:
+    head = "TIMED OUT" if followed.timed_out else "done"
+    snap = followed.snapshot
+    lines = [f"crawl summary ({head} after {elapsed_s:.1f}s):"]
+    for s in followed.summaries.values():
+        state = "complete" if s.complete else "in progress"
+        lines.append(f"  {s.crawl_id}: {s.issued} pages, {s.reported} fetched, {state}")
+    if snap is not None:
+        lines.append(f"  chunks: {snap.chunks}, vectors written: {snap.written}")
+    if followed.failures:
+        lines.append("pages not indexed, by reason:")
+        for (stage, cls), n in sorted(followed.failures.items()):
+            lines.append(f"  {stage} {cls}: {n}")
+    return lines
+
+
+async def _crawl_once(
+    settings: Settings, args: argparse.Namespace, crawls: list[Crawl], console: Console
+) -> int:
+    base = await Baseline.take(settings) if args.wait else None
+    t0 = time.monotonic()
+    await ops_crawl.start(settings, crawls, args.source)
+    for c in crawls:
+        print(f"crawl {c.id}: {c.root} (scope {c.scope}, depth <= {c.max_depth})")
+    if base is None:
+        return 0
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        pages = bar.add_task("pages fetched   ", total=None)
+        written = bar.add_task("vectors written ", total=None)
+
+        def on_crawl(summaries: dict[str, ops_crawl.Summary]) -> None:
+            issued = sum(s.issued for s in summaries.values())
+            done = sum(s.reported for s in summaries.values())
+            bar.update(pages, completed=done, total=issued or None)
+
+        def on_snapshot(s: Snapshot) -> None:
+            bar.update(written, completed=s.written, total=s.vectors or None)
+
+        followed = await ops_crawl.follow(
+            settings, base, crawls, on_crawl, on_snapshot, timeout_s=args.timeout
+        )
+    for line in crawl_summary_lines(followed, time.monotonic() - t0):
+        print(line)
+    if followed.timed_out:
+        return EXIT_TIMEOUT
+    # A page robots.txt keeps out is the crawl obeying the site, not a failure.
+    return 1 if any(cls != "robots_disallowed" for _, cls in followed.failures) else 0
+
+
+def cmd_crawl(args: argparse.Namespace, settings: Settings) -> int:
+    """``publish --crawl``: start (and with ``--wait`` follow) the crawls; with
+    ``--every``, again each interval until interrupted."""
+    console = Console(stderr=True)
+    every = ops_crawl.interval_s(args.every) if args.every else None
+    crawls_of(args)  # check the arguments before anything is published
+    while True:
+        started = time.monotonic()
+        with kafka.translated(settings):
+            status = asyncio.run(_crawl_once(settings, args, crawls_of(args), console))
+        if every is None:
+            return status
+        time.sleep(max(every - (time.monotonic() - started), 0.0))
