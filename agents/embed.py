@@ -37,7 +37,7 @@ STAGE = "embed"
 
 
 class EmbedStats:
-    """Busy time of the model, for the benchmark's busy fraction and the logs."""
+    """Busy time of the model, for the log line (the metrics count the same)."""
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
@@ -178,8 +178,8 @@ class EmbedStage:
         }
 
     def _log_stats(self) -> None:
-        """Cumulative, every 2 s and whenever no pool waits; the benchmark reads the model's
-        busy fraction from these lines."""
+        """Cumulative, every 2 s and whenever no pool waits: for a person reading the log
+        (the same figures are metrics: ``ragstream_embed_busy_seconds_total``...)."""
         now = time.perf_counter()
         idle = self._pools is None or self._pools.pending == 0
         if now - self._last_log >= 2.0 or idle:

@@ -169,7 +169,7 @@ def run(args: argparse.Namespace, console: Console) -> BenchResult:
     result.warnings += pipe.warnings
     result.namespace, result.run_dir = pipe.namespace, pipe.run_dir
     if pipe.busy_fraction is not None:
-        result.busy_fraction, result.busy_source = pipe.busy_fraction, "log"
+        result.busy_fraction, result.busy_source = pipe.busy_fraction, "metric"
     elif result.efficiency is not None:
         result.busy_fraction, result.busy_source = result.efficiency, "approx"
     if pipe.latencies:

@@ -29,13 +29,14 @@ from urllib.parse import urlsplit
 from rich.console import Console
 
 from bench.latency import SearchableTracker
-from bench.report import MODEL_LOADED, busy_from_log, device_from_log, stage_of
+from bench.report import MODEL_LOADED, busy_fraction, device_from_log, stage_of
 from bench.runs import Workload
 from devtools import kafka_local
 from devtools.corpus import CorpusHandler, CorpusServer
 from ops.progress import Snapshot, snapshot_raw, wait_indexed
 from ops.publisher import publish
-from streams import kafka
+from ops.status import read_process
+from streams import kafka, runfiles
 from streams.chunking import Chunker
 from streams.documents import page_chunks
 from streams.ids import doc_id, normalize_url
@@ -81,7 +82,7 @@ class PipelineResult:
     expected_rows: int
     peak_rss_mb: dict[str, float]
     device: str | None
-    busy_fraction: float | None  # from the embed stats log; None when it has none
+    busy_fraction: float | None  # from the embedders' /metrics; None when not served
     latencies: dict[str, float] = dataclasses.field(default_factory=dict)
     steady_rate: float | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
@@ -328,14 +329,14 @@ def _run(
         console.print(f"pipeline: workers warm after {time.perf_counter() - t_start:.1f}s")
 
         base = asyncio.run(snapshot_raw(settings))
-        log_marks = [log.stat().st_size for log in workers.embed_logs]
+        busy_before = busy_seconds(settings)
         n = len(work.pages)
         reqs = [UrlRequest(url=p.url, source="bench") for p in work.pages]
         t0 = time.perf_counter()
         asyncio.run(publish(settings, reqs))
         snap = _wait(settings, base, n, workers, opts.timeout_s, console)
         seconds = time.perf_counter() - t0
-        busy = _busy(workers, log_marks, seconds)
+        busy = busy_fraction(busy_before, busy_seconds(settings), seconds)
         console.print(f"pipeline: {n} pages indexed in {seconds:.2f}s")
 
         if snap.chunks != work.messages or snap.vectors != work.messages:
@@ -406,19 +407,14 @@ def _wait(
     return asyncio.run(wait_indexed(settings, base, n, update, timeout_s=timeout_s, poll_s=0.2))
 
 
-def _busy(workers: Workers, marks: list[int], seconds: float) -> float | None:
-    """Mean busy fraction of the embed processes over the measurement, from their stats
-    lines (None if they log none)."""
-    fractions = []
-    for log, mark in zip(workers.embed_logs, marks, strict=True):
-        raw = read_bytes(log)
-        before = raw[:mark].decode("utf-8", "replace")
-        after = raw[mark:].decode("utf-8", "replace")
-        f = busy_from_log(before, after, seconds)
-        if f is None:
-            return None
-        fractions.append(f)
-    return sum(fractions) / len(fractions) if fractions else None
+def busy_seconds(settings: Settings) -> dict[int, float]:
+    """Each running embed process's ``ragstream_embed_busy_seconds_total``, by pid."""
+    out: dict[int, float] = {}
+    for rec in runfiles.read(settings, "embed"):
+        reading = read_process(rec)
+        if reading is not None:
+            out[rec.pid] = reading.total("ragstream_embed_busy_seconds_total")
+    return out
 
 
 def _milvus_rows(settings: Settings, warnings: list[str]) -> int | None:

@@ -15,13 +15,6 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-#: The line the embed stage is asked to log (cumulative counters), e.g.
-#: ``embed stats: busy_s=12.345 texts=230 tokens=51234``. Until it does, the busy fraction
-#: is approximated by bare_s / pipeline_s and labelled so.
-EMBED_STATS = re.compile(
-    r"embed stats:.*?busy_s=(?P<busy>[0-9.]+)"
-    r"(?:.*?texts=(?P<texts>\d+))?(?:.*?tokens=(?P<tokens>\d+))?"
-)
 #: The embedder's own log line once its weights are in memory (streams/embedder.py).
 MODEL_LOADED = re.compile(r"model (?P<model>\S+) loaded on (?P<device>\S+) in")
 
@@ -98,35 +91,14 @@ def stage_of(cmdline: Sequence[str]) -> str | None:
     return None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class EmbedStats:
-    busy_s: float
-    texts: int | None
-    tokens: int | None
-
-
-def parse_embed_stats(text: str) -> list[EmbedStats]:
-    """Every ``embed stats: busy_s=...`` line of a worker log, in order."""
-    out = []
-    for m in EMBED_STATS.finditer(text):
-        out.append(
-            EmbedStats(
-                busy_s=float(m["busy"]),
-                texts=int(m["texts"]) if m["texts"] else None,
-                tokens=int(m["tokens"]) if m["tokens"] else None,
-            )
-        )
-    return out
-
-
-def busy_from_log(before: str, after: str, wall_s: float) -> float | None:
-    """The embedder's busy fraction over a measurement, from its cumulative stats lines:
-    the last line logged before it started (``before``) and the last one after (``after``).
-    None when either side has no line (the stage does not log them, or not yet)."""
-    start, end = parse_embed_stats(before), parse_embed_stats(after)
-    if not start or not end or wall_s <= 0:
+def busy_fraction(before: dict[int, float], after: dict[int, float], wall_s: float) -> float | None:
+    """The embedders' mean busy fraction over a measurement, from each embed process's
+    ``ragstream_embed_busy_seconds_total`` (by pid) read before and after it. None when no
+    process was read both times (the metrics endpoint is off)."""
+    both = [pid for pid in after if pid in before]
+    if not both or wall_s <= 0:
         return None
-    return max(end[-1].busy_s - start[-1].busy_s, 0.0) / wall_s
+    return sum(max(after[p] - before[p], 0.0) / wall_s for p in both) / len(both)
 
 
 def device_from_log(text: str) -> str | None:

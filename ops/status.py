@@ -99,17 +99,29 @@ def parse_metrics(pages: Iterable[str]) -> dict[Sample, float]:
     return out
 
 
+def read_process(rec: runfiles.RunFile, timeout_s: float = 2.0) -> Reading | None:
+    """One process's ``/metrics``; ``None`` when it does not answer (starting, stopping)."""
+    try:
+        with urllib.request.urlopen(rec.metrics_url, timeout=timeout_s) as resp:
+            page = resp.read().decode()
+    except OSError:
+        return None
+    return Reading(time.time(), parse_metrics([page]), 1)
+
+
 def read_metrics(settings: Settings, timeout_s: float = 2.0) -> Reading:
-    """One reading of every local stage's and the API's ``/metrics`` (a process that does
-    not answer is skipped: it is starting or stopping)."""
-    pages = []
+    """One reading of every local stage's and the API's ``/metrics``, summed (a process
+    that does not answer is skipped)."""
+    samples: dict[Sample, float] = {}
+    n = 0
     for rec in runfiles.read(settings):
-        try:
-            with urllib.request.urlopen(rec.metrics_url, timeout=timeout_s) as resp:
-                pages.append(resp.read().decode())
-        except OSError:
+        one = read_process(rec, timeout_s)
+        if one is None:
             continue
-    return Reading(time.time(), parse_metrics(pages), len(pages))
+        n += 1
+        for key, value in one.samples.items():
+            samples[key] = samples.get(key, 0.0) + value
+    return Reading(time.time(), samples, n)
 
 
 def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:

@@ -15,10 +15,9 @@ import pytest
 from bench.latency import SearchableTracker
 from bench.report import (
     BenchResult,
-    busy_from_log,
+    busy_fraction,
     device_from_log,
     efficiency,
-    parse_embed_stats,
     percentile,
     speedup,
     speedup_bound,
@@ -96,26 +95,15 @@ def test_stage_of_command_lines() -> None:
     assert stage_of(lite) == stage_of(["/venv/bin/python3.11", *lite]) == "milvus"
 
 
-def test_embed_stats_and_device_from_logs() -> None:
-    before = (
-        "[INFO] model all-MiniLM-L6-v2 loaded on cpu in 7.1s (dim 384)\n"
-        "[INFO] embed stats: busy_s=1.500 texts=3 tokens=600\n"
-    )
-    after = (
-        "[INFO] window: 40 messages\n"
-        "[INFO] embed stats: busy_s=5.000 texts=40 tokens=9000\n"
-        "[INFO] embed stats: busy_s=9.500 texts=80 tokens=18000\n"
-    )
-    stats = parse_embed_stats(before + after)
-    assert [s.busy_s for s in stats] == [1.5, 5.0, 9.5]
-    assert stats[-1].texts == 80 and stats[-1].tokens == 18000
-    assert busy_from_log(before, after, wall_s=10.0) == pytest.approx(0.8)
-    assert busy_from_log("no stats yet\n", after, wall_s=10.0) is None
-    assert device_from_log(before) == "cpu"
+def test_busy_fraction_and_device() -> None:
+    before = {101: 1.5, 102: 0.0}
+    after = {101: 9.5, 102: 6.0, 103: 4.0}  # 103 started during the run: no baseline
+    assert busy_fraction(before, after, wall_s=10.0) == pytest.approx((0.8 + 0.6) / 2)
+    assert busy_fraction({}, after, wall_s=10.0) is None
+    assert busy_fraction(before, after, wall_s=0.0) is None
+    log = "[INFO] model all-MiniLM-L6-v2 loaded on cpu in 7.1s (dim 384)\n"
+    assert device_from_log(log) == "cpu"
     assert device_from_log("nothing") is None
-
-
-# --- batching -------------------------------------------------------------------------------
 
 
 def test_bare_batchings_cover_every_text_once() -> None:
@@ -196,6 +184,7 @@ def test_bench_runs_end_to_end(broker: str, tmp_path: Path, django_docs: Path, c
     assert out["efficiency"] == pytest.approx(out["bare_s"] / out["pipeline_s"], rel=1e-3)
     assert out["chunks_per_s"] == pytest.approx(expected / out["pipeline_s"], rel=1e-3)
     assert out["model"] == MINILM and out["device"]
+    assert out["busy_source"] == "metric" and 0 < out["busy_fraction"] <= 1  # from /metrics
     assert {"fetch", "embed", "write"} <= set(out["peak_rss_mb"])
     assert all(v > 20 for v in out["peak_rss_mb"].values())
     assert "efficiency" in proc.stdout  # the human table came before the JSON line
