@@ -9,8 +9,8 @@ same rules from ``streams/github.py``) replaces these pages' chunks instead of a
 second copy. The commit is recorded in each message's ``metadata``.
 
 ``GET /git/trees/{sha}?recursive=1`` lists a whole tree in one request, but GitHub cuts it
-(``truncated``) past 100,000 entries or 7 MB; then the tree is walked one directory at a
-time, so no file is lost. A directory too large for one answer is an error, never a
+(``truncated``) past 100,000 entries or 7 MB; then that directory is read alone and its
+subdirectories recursively again, so no file is lost. A directory too large for one answer is an error, never a
 silently partial listing.
 
 Rate limits are waited out, never answered by dropping files: the rules are pure
@@ -240,24 +240,30 @@ async def resolve(api: GitHubApi, repo: str, ref: str | None) -> tuple[str, str,
 
 
 async def list_tree(api: GitHubApi, repo: str, tree: str) -> list[str]:
-    """Every blob path of ``tree``: one recursive request, or when GitHub truncates it, one
-    request per directory."""
-    page = read_tree(await api.get(f"/repos/{repo}/git/trees/{tree}", {"recursive": "1"}))
-    if not page.truncated:
-        return page.files
-    api.say("GitHub truncated the tree: listing it one directory at a time")
+    """Every blob path of ``tree``: one recursive request where GitHub answers it whole.
+
+    A truncated answer is thrown away (which part is missing is not said) and that
+    directory read alone, then each of its subdirectories recursively again: a large
+    repository costs about two requests per directory that is too large, not one per
+    directory."""
     files: list[str] = []
     todo = [("", tree)]
     while todo:
         prefix, sha = todo.pop()
-        page = read_tree(await api.get(f"/repos/{repo}/git/trees/{sha}"), prefix)
+        path = f"/repos/{repo}/git/trees/{sha}"
+        page = read_tree(await api.get(path, {"recursive": "1"}), prefix)
+        if not page.truncated:
+            files.extend(page.files)
+            continue
+        api.say(f"GitHub truncated the tree of {prefix or '/'}: listing it by directory")
+        page = read_tree(await api.get(path), prefix)
         if page.truncated:
             raise ConfigError(
                 f"{repo}: directory {prefix or '/'} has more entries than GitHub returns in "
                 "one answer; it cannot be listed whole"
             )
         files.extend(page.files)
-        todo.extend((f"{path}/", sub) for path, sub in page.subtrees)
+        todo.extend((f"{sub_path}/", sub) for sub_path, sub in page.subtrees)
     return files
 
 

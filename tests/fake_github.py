@@ -13,8 +13,9 @@ What it enforces, on API requests only:
   ``Retry-After: <secondary_after>`` (or, with ``secondary_headers=False``, a ``403``
   "secondary rate limit" without headers, for the backoff path), and the
   ``secondary_times - 1`` requests after it too.
-- **truncation**: with ``truncate``, a recursive trees answer lists only the first half of
-  the entries and says ``truncated: true``.
+- **truncation**: with ``truncate_above=N``, a recursive trees answer of more than ``N``
+  entries lists only the first ``N`` and says ``truncated: true`` (GitHub's cut is 100,000
+  entries or 7 MB).
 - a **token**: with ``token``, API requests need ``Authorization: Bearer <token>`` (else
   401) and raw files ``Authorization: token <token>`` (else 404, as for a private repo).
 
@@ -54,7 +55,7 @@ class FakeGitHub:
         secondary_after: int = 1,
         secondary_headers: bool = True,
         secondary_times: int = 1,
-        truncate: bool = False,
+        truncate_above: int = 0,
         token: str = "",
     ) -> None:
         self.files = files
@@ -67,7 +68,7 @@ class FakeGitHub:
         self.secondary_headers = secondary_headers
         self.secondary_times = secondary_times
         self._secondary_left = 0
-        self.truncate = truncate
+        self.truncate_above = truncate_above
         self.token = token
         self.stats: Counter[str] = Counter()
         self.api_auth: list[str | None] = []
@@ -252,8 +253,9 @@ class FakeGitHub:
                     truncated = False
                     if query.get("recursive"):
                         entries = fake._recursive(sha)
-                        if fake.truncate:
-                            entries, truncated = entries[: len(entries) // 2], True
+                        cut = fake.truncate_above
+                        if cut and len(entries) > cut:
+                            entries, truncated = entries[:cut], True
                             fake.stats["truncated"] += 1
                     else:
                         entries = fake._trees[sha]
