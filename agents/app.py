@@ -29,6 +29,7 @@ def create_app(settings: Settings, stage: str) -> faust.App:
         value_serializer="raw",
         key_serializer="raw",
         topic_partitions=1,
+        topic_replication_factor=settings.topic_replicas,
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.session_timeout_s,

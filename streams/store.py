@@ -35,7 +35,7 @@ import numpy as np
 from streams.errors import BadRequest, SchemaMismatch, StoreUnavailable
 from streams.ids import chunk_id, is_doc_id
 from streams.messages import Vector
-from streams.milvus_lite import connect_uri
+from streams.milvus_lite import connect_kwargs, connect_uri
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -633,7 +633,7 @@ class MilvusStore:
         if settings.milvus_is_lite:
             Path(settings.milvus_target).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.client = MilvusClient(self.uri, token=settings.milvus_token or "")
+            self.client = MilvusClient(self.uri, **connect_kwargs(settings))
         except Exception as exc:
             hint = ""
             if settings.milvus_is_lite and self.uri == settings.milvus_target:

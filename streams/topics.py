@@ -162,7 +162,7 @@ async def ensure_topics(settings: Settings) -> None:
             NewTopic(
                 name,
                 num_partitions=n,
-                replication_factor=1,
+                replication_factor=settings.topic_replicas,
                 topic_configs=topic_config(name, settings),
             )
             for name, n in topic_specs(settings).items()
@@ -170,7 +170,7 @@ async def ensure_topics(settings: Settings) -> None:
         ]
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):
-                await client.create_topics(new)
+                kafka.created(await client.create_topics(new), settings)
             log.info("created topics %s", ", ".join(t.name for t in new))
 
 

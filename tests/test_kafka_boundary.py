@@ -18,7 +18,7 @@ from aiokafka.errors import (
 
 from devtools import kafka_local
 from streams import kafka
-from streams.errors import KafkaUnavailable, StoreUnavailable
+from streams.errors import KafkaRefused, KafkaUnavailable, StoreUnavailable
 from streams.settings import Settings
 
 
@@ -92,8 +92,11 @@ def test_translated_names_the_broker() -> None:
     expected = r"cannot reach Kafka at kafka\.example:9092"
     with pytest.raises(KafkaUnavailable, match=expected), kafka.translated(settings):
         raise KafkaConnectionError("Unable to bootstrap")
-    with pytest.raises(TopicAuthorizationFailedError), kafka.translated(settings):
-        raise TopicAuthorizationFailedError()  # refused, not away: unchanged
+    refused = r"Kafka at kafka\.example:9092: user '' is not authorized"
+    with pytest.raises(KafkaRefused, match=refused) as info, kafka.translated(settings):
+        raise TopicAuthorizationFailedError()  # refused, not away: a setting to fix
+    assert not isinstance(info.value, KafkaUnavailable)
+    assert isinstance(info.value.__cause__, TopicAuthorizationFailedError)
 
 
 @pytest.mark.parametrize("make", ["admin", "consumer", "producer"])
@@ -113,7 +116,10 @@ def test_absent_broker_is_unavailable_fast(make: str) -> None:
 
 def test_clients_get_the_shared_settings() -> None:
     settings = Settings(broker="h1:1,h2:2")
-    assert kafka.connection(settings) == {"bootstrap_servers": "h1:1,h2:2"}
+    assert kafka.connection(settings) == {
+        "bootstrap_servers": "h1:1,h2:2",
+        "security_protocol": "PLAINTEXT",
+    }
     assert kafka.faust_broker(settings)["broker"] == "kafka://h1:1,h2:2"
 
 

@@ -73,3 +73,87 @@ def test_configuration_doc_is_current() -> None:
     assert mod.OUT.read_text() == mod.render()
     for name in Settings.model_fields:
         assert name.upper() in mod.OUT.read_text()
+
+
+# --- production connections ------------------------------------------------------------------
+
+KAFKA_SASL = {
+    "RAGSTREAM_KAFKA_SECURITY_PROTOCOL": "sasl_ssl",
+    "RAGSTREAM_KAFKA_SASL_MECHANISM": "scram-sha-512",
+    "RAGSTREAM_KAFKA_USERNAME": "svc",
+    "RAGSTREAM_KAFKA_PASSWORD": "pa55-w0rd",
+}
+
+
+def _env(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
+    for key in list(os.environ):
+        if key.startswith("RAGSTREAM_") or key.startswith("MILVUS_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_kafka_security_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    _env(monkeypatch, **KAFKA_SASL)
+    s = Settings()
+    assert (s.kafka_security_protocol, s.kafka_sasl_mechanism) == ("SASL_SSL", "SCRAM-SHA-512")
+    assert s.kafka_sasl and s.kafka_tls
+    assert s.kafka_password.get_secret_value() == "pa55-w0rd"
+    assert "pa55-w0rd" not in repr(s) and "pa55-w0rd" not in str(s)
+    # a child process (a stage) gets the secret itself, and reads back the same settings
+    env = s.to_env()
+    assert env["RAGSTREAM_KAFKA_PASSWORD"] == "pa55-w0rd"
+    _env(monkeypatch, **env)
+    back = Settings()
+    assert back.kafka_password == s.kafka_password
+    assert back.model_copy(update={"home": s.home, "cache_dir": s.cache_dir}) == s
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"RAGSTREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "RAGSTREAM_KAFKA_SASL_MECHANISM"),
+        ({**KAFKA_SASL, "RAGSTREAM_KAFKA_PASSWORD": ""}, "RAGSTREAM_KAFKA_PASSWORD"),
+        (
+            {"RAGSTREAM_KAFKA_SASL_MECHANISM": "PLAIN"},
+            "SASL_SSL (or SASL_PLAINTEXT), not PLAINTEXT",
+        ),
+        ({"RAGSTREAM_KAFKA_USERNAME": "svc"}, "used only with"),
+        ({"RAGSTREAM_KAFKA_SECURITY_PROTOCOL": "TLS"}, "RAGSTREAM_KAFKA_SECURITY_PROTOCOL"),
+        (
+            {"RAGSTREAM_KAFKA_SECURITY_PROTOCOL": "SSL", "RAGSTREAM_KAFKA_CA_FILE": "/no/ca.pem"},
+            "RAGSTREAM_KAFKA_CA_FILE=/no/ca.pem: no such file",
+        ),
+        (
+            {"RAGSTREAM_KAFKA_SECURITY_PROTOCOL": "SSL", "RAGSTREAM_KAFKA_CERT_FILE": __file__},
+            "RAGSTREAM_KAFKA_CERT_FILE and RAGSTREAM_KAFKA_KEY_FILE go together",
+        ),
+        ({"RAGSTREAM_KAFKA_CA_FILE": __file__}, "TLS files are used only with"),
+        ({"MILVUS_USER": "root"}, "MILVUS_USER and MILVUS_PASSWORD go together"),
+        (
+            {"MILVUS_TOKEN": "t", "MILVUS_USER": "root", "MILVUS_PASSWORD": "pw"},
+            "not both",
+        ),
+        (
+            {"RAGSTREAM_MILVUS_CERT_FILE": __file__, "RAGSTREAM_MILVUS_KEY_FILE": __file__},
+            "needs RAGSTREAM_MILVUS_CA_FILE",
+        ),
+    ],
+)
+def test_connection_settings_that_cannot_work_stop_the_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: dict, named: str
+) -> None:
+    """A combination that cannot connect is refused when the settings load, with the
+    variable named, before any client tries (and hangs or fails obscurely)."""
+    from ragstream.cli import EXIT_ERROR, main
+    from streams.settings import get_settings
+
+    _env(monkeypatch, **env)
+    get_settings.cache_clear()
+    try:
+        assert main(["status"]) == EXIT_ERROR
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert err.startswith("ragstream: error: invalid setting") and named in err, err
+    assert "pa55-w0rd" not in err
