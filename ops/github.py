@@ -10,8 +10,8 @@ second copy. The commit is recorded in each message's ``metadata``.
 
 ``GET /git/trees/{sha}?recursive=1`` lists a whole tree in one request, but GitHub cuts it
 (``truncated``) past 100,000 entries or 7 MB; then that directory is read alone and its
-subdirectories recursively again, so no file is lost. A directory too large for one answer is an error, never a
-silently partial listing.
+subdirectories recursively again, so no file is lost. A directory too large for one answer
+is an error, never a silently partial listing.
 
 Rate limits are waited out, never answered by dropping files: the rules are pure
 (:func:`streams.github.rate_limit_wait`, :func:`streams.github.pace_s`), the waiting is
@@ -155,10 +155,10 @@ class GitHubApi:
                     f"{ATTEMPTS} times; nothing was published"
                 )
             log.info("GitHub %s for %s; retrying in %.0fs", problem, path, retry)
-            await self._wait(Wait(retry, "retry"), quiet=True)
+            await self.sleep(retry)  # bounded by ATTEMPTS, not part of the rate-limit budget
             retry *= 2
 
-    async def _wait(self, wait: Wait, *, quiet: bool = False) -> None:
+    async def _wait(self, wait: Wait) -> None:
         """Sleep ``wait.seconds``, or ``Unavailable`` when that would pass the budget."""
         limit = self.settings.github_max_wait_s
         if self.waited_s + wait.seconds > limit:
@@ -168,18 +168,16 @@ class GitHubApi:
                 "already); nothing was published, run again later or raise the limit"
             )
         self.waited_s += wait.seconds
-        if not quiet:
-            until = self.clock() + wait.seconds
-            self.say(
-                f"GitHub {wait.kind} rate limit: waiting {wait.seconds:.0f}s, until "
-                f"{clock_time(until)}"
-            )
+        until = self.clock() + wait.seconds
+        self.say(
+            f"GitHub {wait.kind} rate limit: waiting {wait.seconds:.0f}s, until {clock_time(until)}"
+        )
         left = wait.seconds
         while left > 0:
             step = min(left, PROGRESS_EVERY_S)
             await self.sleep(step)
             left -= step
-            if left > 0 and not quiet:
+            if left > 0:
                 self.say(f"  still waiting for the GitHub rate limit: {left:.0f}s left")
 
     async def _pace(self, headers: httpx.Headers) -> None:

@@ -255,6 +255,8 @@ def publish_github(args: argparse.Namespace, settings: Settings, console: Consol
     if args.urls or args.file or args.sitemap:
         raise ConfigError("--github publishes a repository alone: give URLs in another run")
     repo = parse_repo(args.github)
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # the waits are printed instead
 
     def say(message: str) -> None:
         print(message, file=sys.stderr)
