@@ -297,6 +297,32 @@ def test_pacing_spreads_the_last_requests(unit_settings: Settings) -> None:
     assert refused[0] >= 1 and refused[10] == 0, refused
 
 
+def test_server_errors_are_retried_then_unavailable(unit_settings: Settings) -> None:
+    answers: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        status = 502 if len(answers) < 2 or "nope" in request.url.path else 200
+        answers.append(status)
+        if request.url.path.endswith("/commits/main"):
+            return httpx.Response(status, json={"sha": COMMIT, "commit": {"tree": {"sha": "t"}}})
+        return httpx.Response(status, json={"tree": [{"path": "docs/a.txt", "type": "blob"}]})
+
+    sleeps: list[float] = []
+
+    async def sleep(s: float) -> None:
+        sleeps.append(s)
+
+    s = unit_settings.model_copy(update={"github_api": "https://api.example"})
+    transport = httpx.MockTransport(handler)
+    listing = asyncio.run(list_repo(s, "o/r", "main", ["**/*"], transport=transport, sleep=sleep))
+    assert listing.files == ["docs/a.txt"] and answers == [502, 502, 200, 200]
+    assert sleeps == [1.0, 2.0] and listing.waited_s == 0  # not rate limits
+    answers.clear()
+    with pytest.raises(Unavailable, match="HTTP 502 for /repos/o/r/commits/nope, 5 times"):
+        asyncio.run(list_repo(s, "o/r", "nope", ["**/*"], transport=transport, sleep=sleep))
+    assert len(answers) == 5
+
+
 def test_token_goes_to_the_api_and_never_into_messages(
     unit_settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
