@@ -303,3 +303,19 @@ def test_files_the_stack_mounts_and_builds_exist(stack: dict[str, Any]) -> None:
         if "build" in service:
             build = service["build"]
             assert (STACK.parent / build["context"] / build["dockerfile"]).is_file(), name
+
+
+def test_prometheus_is_given_its_config_and_rules(stack: dict[str, Any]) -> None:
+    prometheus = stack["services"]["prometheus"]
+    mounts = {
+        target: source for source, target, *_ in (v.split(":") for v in prometheus["volumes"])
+    }
+    config_file = next(
+        a.split("=", 1)[1] for a in prometheus["command"] if a.startswith("--config.file=")
+    )
+    assert (STACK.parent / mounts[config_file]).resolve() == PROMETHEUS
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    for rules in config["rule_files"]:
+        in_container = str(Path(config_file).parent / rules)  # relative to the config file
+        assert in_container in mounts, f"{rules} is not mounted beside the config"
+        assert (STACK.parent / mounts[in_container]).is_file()
