@@ -180,13 +180,21 @@ class ExtractPool:
         content_type: str | None,
         *,
         links: bool = False,
+        base_url: str | None = None,
         **kwargs: Any,
     ) -> tuple[list[Chunk], Links | None]:
         """``page_chunks``, and with ``links`` (a crawl's page) the page's links too
-        (``streams.crawl.extract_links``), read in the same child within the same
-        deadline: a hostile page's links cost the stage no more than its text."""
+        (``streams.crawl.extract_links``, relative to ``base_url``, where a redirect
+        ended, else ``url``), read in the same child within the same deadline: a hostile
+        page's links cost the stage no more than its text."""
         header = orjson.dumps(
-            {"url": url, "content_type": content_type, "kwargs": kwargs, "links": links}
+            {
+                "url": url,
+                "content_type": content_type,
+                "kwargs": kwargs,
+                "links": links,
+                "base": base_url or url,
+            }
         )
         slot = await self._idle.get()
         try:
@@ -284,7 +292,7 @@ def _serve(inp: Connection, out: Connection) -> None:
             reply: dict[str, Any] = {"chunks": [dataclasses.asdict(c) for c in chunks]}
             if header.get("links"):
                 found = (
-                    extract_links(body, header["url"])
+                    extract_links(body, header.get("base") or header["url"])
                     if is_html(header["content_type"], body)
                     else Links()
                 )

@@ -269,7 +269,9 @@ class FetchStage:
         if crawl is None:
             new = await self.extractor.page_chunks(url, page.body, page.content_type)
         else:
-            new, found = await self.extractor.page(url, page.body, page.content_type, links=True)
+            new, found = await self.extractor.page(
+                url, page.body, page.content_type, links=True, base_url=page.url
+            )
         links = found.links if found is not None else None
         canonical = found.canonical if found is not None else None
         if crawl is None or canonical == url or not in_scope(crawl, canonical or ""):

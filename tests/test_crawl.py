@@ -161,3 +161,37 @@ def test_links_are_bounded_in_characters() -> None:
     page = "".join(f'<a href="/{i}{long}">x</a>' for i in range(200)).encode()
     links = extract_links(page, "http://h/").links
     assert 0 < sum(map(len, links)) <= MAX_LINK_CHARS < sum(map(len, links)) + 4100
+
+
+def test_every_is_a_duration() -> None:
+    from ops.crawl import interval_s
+    from streams.errors import InvalidTime
+
+    assert interval_s("1h") == 3600 and interval_s("90s") == 90 and interval_s("1.5m") == 90
+    for bad in ("2026-05-01", "0s", "soon", "5x", ""):
+        with pytest.raises(InvalidTime):
+            interval_s(bad)
+
+
+def test_frontier_state_reads_back_from_its_records() -> None:
+    """What agents/frontier.py writes to crawl.state gives back the crawl it had."""
+    import orjson
+
+    from agents.frontier import _apply, _Loaded, page_key
+
+    s = _state()
+    s.report("http://h/", 0, ("http://h/a", "http://h/b"), False)
+    records = [
+        (page_key("c", u), orjson.dumps({"depth": p.depth, "reported": p.reported}))
+        for u, p in s.pages.items()
+    ] + [
+        (page_key("c", "http://h/gone"), b'{"depth": 1, "reported": false}'),
+        (b"c", orjson.dumps(s.summary())),
+        (page_key("c", "http://h/gone"), None),  # a tombstone
+    ]
+    loaded: dict[str, _Loaded] = {}
+    for key, value in records:
+        _apply(loaded, 3, key, value)
+    entry = loaded["c"]
+    assert entry.partition == 3 and entry.crawl == s.crawl and not entry.complete
+    assert entry.pages == s.pages
