@@ -337,7 +337,11 @@ AUTHORIZATION_ERRORS = (
     ClusterAuthorizationFailedError,
 )
 
-#: Longest wait of :func:`handshake` for one bootstrap server.
+#: Longest waits of :func:`handshake` for one bootstrap server: to connect (a server that
+#: does not answer is away, whatever aiokafka made of it), then to be accepted or refused.
+#: A running event loop waits for them (:func:`translated` is synchronous), only after a
+#: secured connection failed.
+TCP_TIMEOUT_S = 3.0
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
@@ -404,7 +408,7 @@ class Dropped(ConnectionError):
 
 async def _tcp_answers(host: str, port: int) -> bool:
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), HANDSHAKE_TIMEOUT_S)
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), TCP_TIMEOUT_S)
     except (OSError, TimeoutError):
         return False
     writer.close()

@@ -95,6 +95,41 @@ def test_broker_port(spec: str, port: int) -> None:
     assert kafka_local.broker_port(Settings(broker=spec)) == port
 
 
+def test_secure_listeners_join_the_plaintext_one(tmp_path: Path) -> None:
+    """The production listeners are added beside PLAINTEXT and CONTROLLER, which ``status``
+    and ``up`` still find; SCRAM users are created for both SCRAMs at format time."""
+    settings = Settings(home=tmp_path, broker="127.0.0.1:9092")
+    secure = kafka_local.SecureListeners(
+        sasl_ssl_port=9093,
+        ssl_port=9094,
+        keystore=tmp_path / "keystore.pem",
+        truststore=tmp_path / "ca.pem",
+        users={"alice": "pw"},
+    )
+    text = kafka_local._server_properties(settings, 9092, 9099, secure)
+    lines = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    assert lines["listeners"] == (
+        "PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9099,"
+        "SASL_SSL://127.0.0.1:9093,SSL://127.0.0.1:9094"
+    )
+    assert lines["listener.security.protocol.map"] == (
+        "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL"
+    )
+    assert lines["inter.broker.listener.name"] == "PLAINTEXT"
+    assert lines["sasl.enabled.mechanisms"] == "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512"
+    assert 'user_alice="pw"' in lines["listener.name.sasl_ssl.plain.sasl.jaas.config"]
+    assert lines["listener.name.ssl.ssl.client.auth"] == "required"
+    assert secure.scram_arguments() == [
+        "--add-scram",
+        "SCRAM-SHA-256=[name=alice,password=pw]",
+        "--add-scram",
+        "SCRAM-SHA-512=[name=alice,password=pw]",
+    ]
+    kafka_local.kafka_dir(settings).mkdir(parents=True)
+    kafka_local._config_file(settings).write_text(text)
+    assert kafka_local._read_config(settings) == (9092, 9099, settings.kafka_version)
+
+
 def test_ensure_jars_without_maven_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name: None if name == "mvn" else real(name))
