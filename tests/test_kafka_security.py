@@ -195,8 +195,9 @@ def _calls(path: Path) -> Iterator[tuple[str, ast.Call]]:
         if isinstance(node, ast.Call):
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-            if isinstance(func, ast.Attribute) and name == "App":
-                name = f"{getattr(func.value, 'id', '')}.App"
+            if name == "App":  # faust.App(...), or App(...) imported from faust
+                owner = getattr(func.value, "id", "") if isinstance(func, ast.Attribute) else ""
+                name = "faust.App" if owner in ("", "faust") else f"{owner}.App"
             yield name, node
 
 
