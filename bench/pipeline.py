@@ -16,7 +16,6 @@ import dataclasses
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from devtools import kafka_local
 from devtools.corpus import CorpusHandler, CorpusServer
 from ops.progress import Snapshot, snapshot_raw, wait_indexed
 from ops.publisher import publish
+from ops.stack import broker_answers
 from ops.status import read_process
 from streams import kafka, runfiles
 from streams.chunking import Chunker
@@ -91,15 +91,6 @@ class PipelineResult:
 
 
 # --- the broker -----------------------------------------------------------------------------
-
-
-def broker_answers(bootstrap: str, timeout: float = 1.0) -> bool:
-    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
-            return True
-    except (OSError, ValueError):
-        return False
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ import dataclasses
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -114,6 +115,16 @@ def probe(address: str, path: str = "/readyz", timeout_s: float = 2.0) -> str:
         return "no answer"
 
 
+def broker_answers(bootstrap: str) -> bool:
+    """Something listens at the first bootstrap address (a broker the user runs)."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1.0):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def broker_is_local(settings: Settings) -> bool:
     host = settings.broker.split(",")[0].rpartition(":")[0]
     return host in LOCAL_HOSTS
@@ -126,8 +137,6 @@ def ps(settings: Settings) -> list[Proc]:
     if broker is not None:
         rows.append(Proc("kafka", broker.pid, "running", broker.bootstrap, ""))
     else:
-        from ops.demo import broker_answers
-
         answers = broker_answers(settings.broker)
         rows.append(Proc("kafka", None, "running" if answers else "no answer", settings.broker, ""))
     data_dir = lite_dir(settings)
@@ -189,18 +198,21 @@ def up(
     api_port: int = 8088,
     wait_s: float = 300.0,
     note: Callable[[str], None] = lambda _msg: None,
+    extra_env: dict[str, str] | None = None,
 ) -> list[Proc]:
-    """Start what is not running, wait until all of it is ready; returns ``ps``."""
+    """Start what is not running, wait until all of it is ready; returns ``ps``.
+    ``extra_env``: more environment for the processes it starts (the demo runs offline)."""
     stack = read_stack(settings)
     broker_started = stack.broker_started
-    if kafka_local.status(settings) is None and broker_is_local(settings):
-        from ops.demo import broker_answers
-
-        if not broker_answers(settings.broker):
-            note(f"starting Kafka on {settings.broker}")
-            kafka_local.up(settings, wait_s=min(wait_s, 120.0))
-            broker_started = True
-    env = {**os.environ, **settings.to_env()}
+    if (
+        kafka_local.status(settings) is None
+        and broker_is_local(settings)
+        and not broker_answers(settings.broker)
+    ):
+        note(f"starting Kafka on {settings.broker}")
+        kafka_local.up(settings, wait_s=min(wait_s, 120.0))
+        broker_started = True
+    env = {**os.environ, **settings.to_env(), **(extra_env or {})}
     worker = stack.worker
     if not _ours(worker, "worker"):
         note(f"starting the worker ({fetchers} fetcher{'s' if fetchers != 1 else ''})")
@@ -278,11 +290,20 @@ def _stop(pid: int | None, needle: str, timeout_s: float) -> bool:
     return True
 
 
+def running(settings: Settings) -> bool:
+    """Whether a worker started by ``up`` runs for this home."""
+    return _ours(read_stack(settings).worker, "worker")
+
+
 def down(
-    settings: Settings, timeout_s: float = 60.0, note: Callable[[str], None] = lambda _m: None
+    settings: Settings,
+    timeout_s: float = 60.0,
+    note: Callable[[str], None] = lambda _m: None,
+    keep_broker: bool = False,
 ) -> list[str]:
     """Stop what ``up`` started: the API, the worker (its stages and Lite server go with
-    it), then the broker if ``up`` started it. Returns what was stopped."""
+    it), then the broker if ``up`` started it (and not ``keep_broker``). Returns what was
+    stopped."""
     stack = read_stack(settings)
     stopped: list[str] = []
     if _stop(stack.api, "webhooks", timeout_s):
@@ -291,7 +312,7 @@ def down(
     if _stop(stack.worker, "worker", timeout_s):
         stopped.append("worker")
         note("stopped the worker")
-    if stack.broker_started and kafka_local.down(settings, timeout_s=timeout_s):
+    if stack.broker_started and not keep_broker and kafka_local.down(settings, timeout_s=timeout_s):
         stopped.append("kafka")
         note("stopped Kafka")
     _stack_path(settings).unlink(missing_ok=True)

@@ -1,9 +1,9 @@
 """``ragstream demo``: the whole pipeline on a fresh machine, on the embedded defaults.
 
-Starts the local broker (if none answers), serves the Django docs from a local HTTP
-server, runs a worker, publishes the pages, follows them until every chunk is in Milvus,
-then searches. Offline: the model is all-MiniLM-L6-v2 from PyPI unless RAGSTREAM_MODEL
-says otherwise.
+Brings the local stack up (`ragstream up`: the broker if none answers, the worker), serves
+the Django docs from a local HTTP server, publishes the pages, follows them until every
+chunk is in Milvus, takes down what it started (unless --keep), then searches. Offline: the
+model is all-MiniLM-L6-v2 from PyPI unless RAGSTREAM_MODEL says otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from devtools import kafka_local
 from ops.demo import DemoHooks, demo_settings, run_demo
 from ops.progress import Snapshot
 from ops.search import search
@@ -48,6 +47,11 @@ def register(subparsers: Any) -> None:
         "--keep-broker",
         action="store_true",
         help="leave a broker the demo started running afterwards",
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the whole stack running afterwards (`ragstream ps`, `ragstream down`)",
     )
     p.set_defaults(func=cmd_demo)
 
@@ -87,16 +91,21 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         bar.update(tasks["written"], completed=s.written, total=max(s.vectors, 1))
 
     hooks = DemoHooks(
-        broker_starting=lambda at: console.print(
-            f"[bold]Starting a local Kafka broker[/] on {at} ..."
-        ),
+        step=lambda what: console.print(f"[bold]Stack:[/] {what}"),
         corpus=corpus,
         worker_started=worker_started,
         published=published,
         progress=progress,
     )
     try:
-        result = run_demo(settings, None if args.all else args.docs, args.latency_ms / 1000, hooks)
+        result = run_demo(
+            settings,
+            None if args.all else args.docs,
+            args.latency_ms / 1000,
+            hooks,
+            keep=args.keep,
+            keep_broker=args.keep_broker,
+        )
     finally:
         for bar in bars:
             bar.stop()
@@ -112,12 +121,14 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     console.print(f"\n[bold]Search:[/] {args.query!r}")
     for i, hit in enumerate(search(settings, args.query, 5).hits, 1):
         print(format_hit(i, hit))
-    if result.started_broker and not args.keep_broker:
-        kafka_local.down(settings)
+    if result.kept:
+        console.print(
+            "\n[bold]The stack keeps running:[/] `ragstream ps`; stop it with `ragstream down`"
+        )
     console.print(
         "\n[bold]Try next:[/]\n"
         f'  RAGSTREAM_MODEL={settings.model} ragstream search "your question" -k 5\n'
-        "  ragstream kafka up && ragstream worker        # keep a pipeline running\n"
+        "  ragstream up && ragstream ps                  # keep a pipeline running\n"
         "  ragstream publish https://example.org/page    # ingest any page\n"
         "  ragstream demo --all                          # the whole corpus (656 pages)"
     )
