@@ -246,3 +246,19 @@ def test_api_serves_metrics_probes_and_its_run_file(unit_settings: Settings) -> 
     assert more(route="/livez", status="200") == 1
     assert more(status="404") == 1
     assert names == ["http://127.0.0.1:8088"]  # a wildcard listener is reached on loopback
+
+
+def test_every_metric_is_documented() -> None:
+    """docs/operations.md lists every metric streams/metrics.py defines (and no other)."""
+    import re
+
+    from prometheus_client.metrics import MetricWrapperBase
+
+    defined = set()
+    for obj in vars(metrics).values():
+        if isinstance(obj, MetricWrapperBase):
+            kind = obj._type  # counter names gain _total on the wire
+            defined.add(obj._name + ("_total" if kind == "counter" else ""))
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    documented = set(re.findall(r"^\| `(ragstream_[a-z_]+)` \|", doc, re.MULTILINE))
+    assert documented == defined
