@@ -397,6 +397,8 @@ def test_grafana_is_provisioned_from_the_files_compose_mounts() -> None:
     folder = "./" + str(DASHBOARD.parent.relative_to(DEPLOY))
     providers = yaml.safe_load(PROVIDERS.read_text())["providers"]
     assert [p["options"]["path"] for p in providers] == [mounts[folder]]
+    home = grafana["environment"].get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    assert home is None or home == f"{mounts[folder]}/{DASHBOARD.name}"
     assert (
         mounts["./" + str(PROVIDERS.parents[1].relative_to(DEPLOY))] == "/etc/grafana/provisioning"
     )
