@@ -86,7 +86,7 @@ def pdf_pages(
                 raise UnsupportedContent(f"encrypted PDF (a password is needed): {url}")
             count = len(reader.pages)
             if count > MAX_PDF_PAGES:
-                raise PageTooLarge(f"PDF has {count} pages, more than the limit {MAX_PDF_PAGES}")
+                raise PageTooLarge(f"PDF has more than {MAX_PDF_PAGES} pages (the limit): {url}")
             pages: list[str] = []
             total = 0
             for page in reader.pages:
@@ -103,6 +103,10 @@ def pdf_pages(
             # NotImplementedError: an encryption scheme pypdf cannot open (needs a library)
             raise UnsupportedContent(f"encrypted PDF ({exc}): {url}") from None
         except LimitReachedError as exc:
+            if "page entry" in str(exc):  # pypdf stopped counting pages at the cap
+                raise PageTooLarge(
+                    f"PDF has more than {MAX_PDF_PAGES} pages (the limit): {url}"
+                ) from None
             raise PageTooLarge(f"PDF over a structural limit ({exc}): {url}") from None
         except (PageTooLarge, UnsupportedContent):
             raise

@@ -8,10 +8,12 @@ import asyncio
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streams.chunking import Chunker
 from streams.documents import PageLimits, chunk_document
-from streams.errors import PageTooLarge, UnsupportedContent
+from streams.errors import PageRefused, PageTooLarge, UnsupportedContent
 from streams.extract import extract_text
 from streams.pdf import MAX_PDF_PAGES, MAX_STREAM_BYTES
 from streams.settings import MINILM, Settings
@@ -125,8 +127,9 @@ def test_more_pages_than_the_cap_is_too_large() -> None:
     assert extract_text(pdf_many_pages(50), "application/pdf", URL).text.count("hostile") == 50
     body = pdf_many_pages(MAX_PDF_PAGES + 5)  # about 60 KB for 10,005 pages
     assert len(body) < 100_000
-    cls, _ = refusal(body)
+    cls, message = refusal(body)
     assert cls == "too_large"
+    assert f"more than {MAX_PDF_PAGES} pages" in message
 
 
 def test_a_stream_that_inflates_past_the_cap_is_too_large() -> None:
@@ -146,6 +149,39 @@ def test_pdf_text_past_the_character_limit_is_too_large() -> None:
     assert "by page" in message  # stopped on the way, not after reading every page
 
 
+_SEED_PDFS = (
+    make_pdf(["Sprockets turn widgets.", "Gears mesh."], title="Manual"),
+    make_pdf(["x"], password="pw"),
+    pdf_page_cycle(),
+    pdf_stream_bomb(1),
+)
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(
+    seed=st.sampled_from(_SEED_PDFS),
+    edits=st.lists(
+        st.tuples(st.integers(min_value=0), st.binary(min_size=0, max_size=8)),
+        min_size=1,
+        max_size=6,
+    ),
+)
+def test_a_mangled_pdf_is_read_or_refused_never_anything_else(
+    seed: bytes, edits: list[tuple[int, bytes]]
+) -> None:
+    """Bytes of real and hostile PDFs overwritten at random: the text comes out or the page
+    is refused with a documented class; no other exception leaves extraction (it would be an
+    ``extract`` dead letter with a traceback: the fuzz test's rule, tests/test_fuzz.py)."""
+    body = bytearray(seed)
+    for at, data in edits:
+        i = at % len(body)
+        body[i : i + len(data)] = data
+    try:
+        extract_text(bytes(body), "application/pdf", URL, structured=True)
+    except PageRefused as exc:
+        assert exc.error_class in ("unsupported_content", "too_large"), exc
+
+
 # --- through the extraction child (its deadline and its answer's classes) --------------------
 
 
@@ -155,10 +191,10 @@ def test_the_extraction_pool_chunks_a_pdf_and_dead_letters_an_encrypted_one(
 ) -> None:
     from agents.extractor import ExtractPool
 
-    settings = Settings(model=MINILM, extract_deadline_s=10.0, extract_workers=1)
+    config = Settings(model=MINILM, extract_deadline_s=10.0, extract_workers=1)
 
     async def main() -> None:
-        pool = ExtractPool(settings, chunker)
+        pool = ExtractPool(config, chunker)
         await pool.start()
         try:
             body = make_pdf([WORDS], title="Field Manual")
