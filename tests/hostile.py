@@ -415,3 +415,21 @@ def pdf_stream_bomb(mib: int) -> bytes:
             + b"\nendstream",
         ]
     )
+
+
+def pdf_operator_bomb(operators: int) -> bytes:
+    """One page whose content stream shows ``operators`` one-letter strings: a few KB that
+    cost pypdf ~20 us each (a million: about 20 s), within every size limit; only the
+    extraction deadline stops it."""
+    data = b"BT /F1 11 Tf 72 740 Td " + b"(a) Tj " * operators + b"ET"
+    packed = zlib.compress(data, 9)
+    return raw_pdf(
+        [
+            b"<< /Type /Catalog /Pages 2 0 R >>",
+            b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            _PAGE,
+            b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(packed)
+            + packed
+            + b"\nendstream",
+        ]
+    )

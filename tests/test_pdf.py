@@ -21,11 +21,13 @@ from tests.hostile import (
     make_pdf,
     pdf_deep_tree,
     pdf_many_pages,
+    pdf_operator_bomb,
     pdf_page_cycle,
     pdf_stream_bomb,
 )
 
 URL = "https://example.org/manual"
+DEADLINE_S = 3.0
 #: A page of words, long enough that two pages never share a chunk.
 WORDS = " ".join(f"word{i}" for i in range(50))
 
@@ -186,12 +188,14 @@ def test_a_mangled_pdf_is_read_or_refused_never_anything_else(
 
 
 @pytest.mark.slow  # a child process loads the tokenizer
-def test_the_extraction_pool_chunks_a_pdf_and_dead_letters_an_encrypted_one(
-    chunker: Chunker,
-) -> None:
+def test_the_extraction_pool_chunks_a_pdf_and_stops_hostile_ones(chunker: Chunker) -> None:
+    """In the extraction child: a PDF's chunks, an encrypted one's class, and a slow one
+    (a million text operators, ~20 s of pypdf, within every size limit) killed at the
+    deadline, the next PDF served by a fresh child."""
     from agents.extractor import ExtractPool
+    from streams.errors import ExtractTimeout
 
-    config = Settings(model=MINILM, extract_deadline_s=10.0, extract_workers=1)
+    config = Settings(model=MINILM, extract_deadline_s=DEADLINE_S, extract_workers=1)
 
     async def main() -> None:
         pool = ExtractPool(config, chunker)
@@ -206,6 +210,14 @@ def test_the_extraction_pool_chunks_a_pdf_and_dead_letters_an_encrypted_one(
             assert "encrypted PDF" in str(info.value)
             with pytest.raises(PageTooLarge):
                 await pool.page_chunks(URL, pdf_many_pages(MAX_PDF_PAGES + 1), None)
+            slow = pdf_operator_bomb(1_000_000)
+            assert len(slow) < 20_000
+            started = time.monotonic()
+            with pytest.raises(ExtractTimeout):
+                await pool.page_chunks(URL, slow, "application/pdf")
+            assert time.monotonic() - started < DEADLINE_S + 3.0
+            again = await pool.page_chunks(URL, body, "application/pdf")
+            assert [c.text for c in again] == [c.text for c in chunks]
         finally:
             await pool.aclose()
 
