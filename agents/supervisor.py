@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from streams import logs
+from streams import kafka, logs
 from streams.milvus_lite import LiteServer, lite_dir
 from streams.settings import Settings, get_settings
 from streams.topics import STAGES, ensure_topics
@@ -88,12 +88,25 @@ def stage_command(stage: str) -> list[str]:
     return [sys.executable, "-m", "agents.supervisor", "--stage", stage]
 
 
+def refuse_early(settings: Settings) -> None:
+    """A secured broker that refuses us (a wrong password, a certificate that does not
+    verify) ends the worker with :class:`~streams.errors.KafkaRefused` before any stage
+    starts: restarting stages cannot fix a setting, and would hide it in a log. A broker
+    that does not answer is waited out by the stages as before."""
+    if settings.kafka_security_protocol == "PLAINTEXT":
+        return
+    cause = asyncio.run(kafka.handshake(settings))
+    if cause is not None:
+        raise kafka.refused(cause, settings)
+
+
 def supervise(settings: Settings, stages: list[str], fetchers: int = 1) -> int:
     """Run ``stages`` as child processes; restart any that exits until told to stop.
 
     The children read ``settings`` from their environment (``Settings.to_env``), so they
     run with the supervisor's settings, not only with what its own environment said.
     """
+    refuse_early(settings)
     plan = [s for s in stages for _ in range(fetchers if s == "fetch" else 1)]
     env = {**os.environ, **settings.to_env()}
     data_dir = lite_dir(settings) if "write" in stages else None

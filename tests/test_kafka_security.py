@@ -376,7 +376,8 @@ def test_each_mechanism_connects_and_a_wrong_password_fails_fast(
     assert PASSWORD not in out
 
     bad = good.model_copy(update={"kafka_password": SecretStr(WRONG)})
-    for command in (["publish", "http://127.0.0.1:9/x"], ["status"]):
+    # the worker too: it stops with the refusal instead of restarting its stages forever
+    for command in (["publish", "http://127.0.0.1:9/x"], ["status"], ["worker"]):
         code, out, took = ragstream(bad, *command, timeout_s=30)
         assert code == 2, out  # a setting to fix (not 69, "try again later")
         assert (
