@@ -447,3 +447,36 @@ def test_kubernetes_probes_and_annotations_use_the_port_each_process_serves() ->
             mounts = [m["mountPath"] for m in container["volumeMounts"]]
             assert any(config["RAGSTREAM_MODEL"].startswith(m + "/") for m in mounts)
     assert sorted(stages) == sorted(STAGES)
+
+
+@pytest.mark.slow
+def test_a_wheel_carries_the_schemas(tmp_path: Path) -> None:
+    """Messages are validated against schemas/*.json, read beside the packages: a wheel
+    (pip install from an index, a container built from it) must ship them."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            ".",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    wanted = {f"schemas/{p.name}" for p in (ROOT / "schemas").glob("*.json")}
+    assert wanted and wanted <= names, sorted(wanted - names)
+    assert "streams/messages.py" in names
