@@ -452,30 +452,35 @@ def test_kubernetes_probes_and_annotations_use_the_port_each_process_serves() ->
 @pytest.mark.slow
 def test_a_wheel_carries_the_schemas(tmp_path: Path) -> None:
     """Messages are validated against schemas/*.json, read beside the packages: a wheel
-    (pip install from an index, a container built from it) must ship them."""
+    (pip install from an index, a container built from it) must ship them. Built from a
+    copy of the tree, so a stale ``build/`` here cannot lend it files."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            ".",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-        ],
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
         cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    src = tmp_path / "src"
+    for rel in listed:
+        if (ROOT / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
+    out = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q"]
+        + ["-w", str(out)],
+        cwd=src,
         check=True,
         capture_output=True,
         timeout=600,
     )
-    (wheel,) = tmp_path.glob("*.whl")
+    (wheel,) = out.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     wanted = {f"schemas/{p.name}" for p in (ROOT / "schemas").glob("*.json")}
     assert wanted and wanted <= names, sorted(wanted - names)
