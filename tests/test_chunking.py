@@ -450,3 +450,33 @@ def test_cuts_prefer_line_and_space_breaks(tokenizer: Any) -> None:
 def test_caps_are_validated(tokenizer: Any) -> None:
     with pytest.raises(ValueError, match="max_chars"):
         Chunker(tokenizer, 254, 32, max_chars=10)
+
+
+def test_from_model_needs_no_transformers_and_cuts_the_same(
+    model_path: str, random_m3: Path, django_docs: Path
+) -> None:
+    """The fetch stage's chunker comes from tokenizer.json alone (``transformers`` costs a
+    process that only cuts text ~850 MB), and cuts exactly as transformers' tokenizer would."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from streams.chunking import Chunker; "
+        f"c = Chunker.from_model({model_path!r}); "
+        "print(c.max_tokens, 'transformers' in sys.modules, 'torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
+    assert out == ["254", "False", "False"]
+
+    from transformers import AutoTokenizer
+
+    text = "\n\n".join(p.read_text() for p in sorted(django_docs.rglob("*.txt"))[:12])
+    for path in (model_path, str(random_m3)):
+        fast = Chunker.from_model(path)
+        slow_tok = AutoTokenizer.from_pretrained(path)
+        specials = slow_tok.num_special_tokens_to_add(pair=False)
+        via_transformers = Chunker(slow_tok, fast.max_tokens, fast.overlap)
+        assert fast.max_tokens == model_input_limit(path, slow_tok) - specials
+        assert fast.chunk_spans(text) == via_transformers.chunk_spans(text)
