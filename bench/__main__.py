@@ -176,6 +176,9 @@ def run(args: argparse.Namespace, console: Console) -> BenchResult:
         values = list(pipe.latencies.values())
         result.p50_s = percentile(values, 50)
         result.p99_s = percentile(values, 99)
+    if pipe.chunk_latencies:
+        result.fresh_chunk_p50_s = percentile(pipe.chunk_latencies, 50)
+        result.fresh_chunk_p99_s = percentile(pipe.chunk_latencies, 99)
         result.steady_docs = len(values)
         result.steady_rate = pipe.steady_rate
     return result

@@ -2,9 +2,10 @@
 
 Only the writer may open a Milvus Lite file while the pipeline runs, so "searchable" is
 read from the writer's consumer group instead: the writer commits a ``vectors`` offset only
-after the window holding it is in Milvus. A page is searchable once every one of its
-vectors has been seen on ``vectors`` and the writer's committed offset on that partition
-has passed the last of them. Pure bookkeeping here; the Kafka reading is in ``pipeline``.
+after the window holding it is in Milvus. A chunk is searchable once the writer's committed
+offset on its partition has passed its vector; a page, once every one of its vectors has
+been seen on ``vectors`` and passed. Pure bookkeeping here; the Kafka reading is in
+``pipeline``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class DocProgress:
     seen: set[int] = dataclasses.field(default_factory=set)
     partition: int = -1
     last_offset: int = -1
+    offsets: dict[int, int] = dataclasses.field(default_factory=dict)  # chunk -> its vector
 
     @property
     def complete(self) -> bool:
@@ -38,6 +40,7 @@ class SearchableTracker:
         self.progress: dict[str, DocProgress] = {d: DocProgress() for d in doc_ids}
         self.acked: dict[str, float] = {}
         self.searchable: dict[str, float] = {}
+        self.chunk_searchable: dict[tuple[str, int], float] = {}  # (url, index) -> when
 
     def published(self, url: str, at: float) -> None:
         self.acked[url] = at
@@ -58,6 +61,7 @@ class SearchableTracker:
         p.count = chunk_count
         if op == "upsert" and chunk_index is not None and chunk_index < chunk_count:
             p.seen.add(chunk_index)
+            p.offsets[chunk_index] = offset
         p.partition = partition
         p.last_offset = max(p.last_offset, offset)
 
@@ -67,9 +71,13 @@ class SearchableTracker:
         n = 0
         for doc, p in self.progress.items():
             url = self.url_of[doc]
+            committed = offsets.get(p.partition, -1)
+            for index, offset in p.offsets.items():
+                if committed > offset:
+                    self.chunk_searchable.setdefault((url, index), at)
             if url in self.searchable or not p.complete or p.last_offset < 0:
                 continue
-            if offsets.get(p.partition, -1) > p.last_offset:
+            if committed > p.last_offset:
                 self.searchable[url] = at
                 n += 1
         return n
@@ -85,3 +93,12 @@ class SearchableTracker:
             for url in self.searchable
             if url in self.acked
         }
+
+    def chunk_latencies(self) -> list[float]:
+        """Seconds from publish ack to searchable, per chunk of a page that has an ack: a
+        page is searchable progressively, its first chunks before its last."""
+        return [
+            at - self.acked[url]
+            for (url, _index), at in self.chunk_searchable.items()
+            if url in self.acked
+        ]

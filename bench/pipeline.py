@@ -84,6 +84,7 @@ class PipelineResult:
     device: str | None
     busy_fraction: float | None  # from the embedders' /metrics; None when not served
     latencies: dict[str, float] = dataclasses.field(default_factory=dict)
+    chunk_latencies: list[float] = dataclasses.field(default_factory=list)
     steady_rate: float | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
     namespace: str = ""
@@ -339,11 +340,12 @@ def _run(
             warnings.append(f"dead letters: {snap.dead}")
 
         latencies: dict[str, float] = {}
+        chunk_latencies: list[float] = []
         rate = None
         if opts.steady:
             rate = opts.rate or (max(n / seconds / 2, 0.05) if seconds > 0 else 1.0)
             console.print(f"steady: republishing {n} pages at {rate:.2f} pages/s (force)")
-            latencies = asyncio.run(
+            latencies, chunk_latencies = asyncio.run(
                 steady(settings, [p.url for p in work.pages], rate, workers, opts.timeout_s)
             )
             if len(latencies) < n:
@@ -368,6 +370,7 @@ def _run(
         device=device,
         busy_fraction=busy,
         latencies=latencies,
+        chunk_latencies=chunk_latencies,
         steady_rate=rate,
         warnings=warnings,
         namespace=settings.app_id,
@@ -431,9 +434,9 @@ async def steady(
     workers: Workers,
     timeout_s: float,
     clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], list[float]]:
     """Publish ``urls`` (force: re-embed although unchanged) at ``rate`` pages/s and return
-    each one's publish-ack-to-searchable seconds."""
+    each one's publish-ack-to-searchable seconds, and each chunk's."""
     tracker = SearchableTracker({doc_id(u): u for u in urls})
     vtopic = settings.topic(VECTORS)
     consumer = kafka.consumer(settings)
@@ -494,7 +497,7 @@ async def steady(
             await asyncio.sleep(0.2)
         stop.set()
         await asyncio.gather(*tasks)
-        return tracker.latencies()
+        return tracker.latencies(), tracker.chunk_latencies()
     finally:
         stop.set()
         await consumer.stop()

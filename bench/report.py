@@ -123,6 +123,8 @@ class BenchResult:
     pipeline_s: float | None = None
     p50_s: float | None = None
     p99_s: float | None = None
+    fresh_chunk_p50_s: float | None = None  # per chunk (p50_s, p99_s: per page)
+    fresh_chunk_p99_s: float | None = None
     steady_rate: float | None = None
     steady_docs: int | None = None
     peak_rss_mb: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -181,6 +183,8 @@ class BenchResult:
             "bare_tokens_per_s": _r(per_second(self.tokens, self.bare_s)),
             "p50_s": _r(self.p50_s),
             "p99_s": _r(self.p99_s),
+            "fresh_chunk_p50_s": _r(self.fresh_chunk_p50_s),
+            "fresh_chunk_p99_s": _r(self.fresh_chunk_p99_s),
             "steady_rate": _r(self.steady_rate),
             "steady_docs": self.steady_docs,
             "busy_fraction": _r(self.busy_fraction),
@@ -265,6 +269,11 @@ def render(result: BenchResult, console: Console) -> None:
             f"publish-to-searchable latency:    p50 {result.p50_s:.2f} s, p99 "
             f"{_fmt(result.p99_s)} s  ({result.steady_docs} pages at "
             f"{_fmt(result.steady_rate)} pages/s)"
+        )
+    if result.fresh_chunk_p50_s is not None:
+        lines.append(
+            f"  per chunk:                      p50 {result.fresh_chunk_p50_s:.2f} s, p99 "
+            f"{_fmt(result.fresh_chunk_p99_s)} s"
         )
     if result.peak_rss_mb:
         rss = ", ".join(f"{k} {v:,.0f}" for k, v in sorted(result.peak_rss_mb.items()))

@@ -141,6 +141,13 @@ def test_searchable_only_when_every_vector_is_committed() -> None:
     assert t.committed({0: 106, 1: 8}, 15.0) == 1
     assert not t.done
     assert t.latencies() == {"http://x/1": pytest.approx(3.0), "http://x/2": pytest.approx(5.0)}
+    # per chunk: d1's first two were searchable at 11 (offsets 100, 101 < 500), before the
+    # page (13); its third at 13; a delete has no chunk
+    assert sorted(t.chunk_latencies()) == [
+        pytest.approx(1.0),
+        pytest.approx(1.0),
+        pytest.approx(3.0),
+    ]
 
 
 # --- end to end -----------------------------------------------------------------------------
