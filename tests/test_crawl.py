@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -195,3 +198,24 @@ def test_frontier_state_reads_back_from_its_records() -> None:
     entry = loaded["c"]
     assert entry.partition == 3 and entry.crawl == s.crawl and not entry.complete
     assert entry.pages == s.pages
+
+
+def test_page_state_keeps_links_and_never_read_differs_from_none(tmp_path: Path) -> None:
+    """A 304 of a crawled page finds its links in its state; a state too big for its topic
+    loses them together with its validators, so the next crawl fetches the page whole."""
+    import orjson
+
+    from agents.docstate import DocStates
+    from streams.documents import DocState
+    from streams.settings import Settings
+
+    crawled = DocState(doc_hash="h", hashes=("a",), etag='"e"', links=())
+    assert DocState.from_json(crawled.to_json()) == crawled
+    assert DocState.from_json(dataclasses.replace(crawled, links=None).to_json()).links is None
+    links = tuple(f"http://h/{'x' * 200}/{i}" for i in range(900))
+    many = dataclasses.replace(crawled, links=links)
+    store = DocStates(Settings(home=tmp_path))
+    small = DocState.from_json(orjson.loads(store.encode(many, max_bytes=4000) or b"{}"))
+    assert small is not None and small.links is None and small.etag is None
+    kept = DocState.from_json(orjson.loads(store.encode(many) or b"{}"))
+    assert kept == many

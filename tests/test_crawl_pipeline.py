@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,6 +16,7 @@ import pytest
 from devtools.corpus import CorpusHandler, CorpusServer
 from ops import crawl as ops_crawl
 from ops.follow import Baseline
+from ragstream.cli import main as cli_main
 from streams.crawl import Crawl
 from streams.documents import page_chunks
 from streams.ids import chunk_id, normalize_url
@@ -161,3 +164,58 @@ def test_crawl_indexes_in_scope_pages_once_and_recrawl_costs_one_304_each(
         assert again.snapshot is not None and again.snapshot.chunks == 0
         assert again.snapshot.written == 0
     assert len(milvus_rows(settings, ("id",))) == len(expected)
+
+
+def test_a_crawl_survives_its_worker_killed_midway_and_the_cli_follows_a_recrawl(
+    settings: Settings,
+    tmp_path: Path,
+    cli_environ: Callable[[Settings], None],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """SIGKILL the worker while the crawl is in flight: a new worker finishes it (the
+    frontier's state and the pages' states come back from their topics), every page is
+    indexed once; then ``publish --crawl --wait`` re-crawls: 304s only, exit status 0."""
+    site = tmp_path / "site"
+    wanted = build_site(site)
+    log = Log()
+    with CorpusServer(site, latency_s=0.05, hook=log.hook) as server:
+        root = server.base_url + "docs/index.html"
+        crawl = Crawl.start(ops_crawl.new_crawl_id(), root, max_depth=20)
+        base = asyncio.run(Baseline.take(settings))
+        worker = Worker(settings)
+        try:
+            asyncio.run(ops_crawl.start(settings, [crawl], "test"))
+            deadline = time.monotonic() + 300
+            while sum(log.gets.values()) < 60:
+                assert worker.alive() and time.monotonic() < deadline, worker.tail()
+                time.sleep(0.1)
+            worker.kill()
+            killed_at = sum(log.gets.values())
+            worker = Worker(settings)
+            followed = asyncio.run(ops_crawl.follow(settings, base, [crawl], timeout_s=600))
+        finally:
+            worker.stop()
+        assert killed_at < len(wanted), "the crawl ended before the kill"
+        assert not followed.timed_out, followed
+        (summary,) = followed.summaries.values()
+        assert summary.complete and summary.issued == len(wanted) + 2
+        assert {p for p in log.gets if p != "/robots.txt"} == wanted | {"/docs/dup.html"}
+        rows = milvus_rows(settings, ("id", "url"))
+        per_page = collections.Counter(urlsplit(r["url"]).path for r in rows)
+        assert set(per_page) == wanted
+        assert len(rows) == len({r["id"] for r in rows})
+
+        log.reset()
+        cli_environ(settings)
+        worker = Worker(settings)
+        try:
+            status = cli_main(["publish", "--crawl", root, "--max-depth", "20", "--wait"])
+        finally:
+            worker.stop()
+        out = capsys.readouterr().out
+        assert status == 0, out
+        assert f"{len(wanted) + 2} pages, {len(wanted) + 2} fetched, complete" in out
+        assert "robots_disallowed: 1" in out and "chunks: 0, vectors written: 0" in out
+        pages = {p for p in log.gets if p != "/robots.txt"}
+        assert pages == wanted | {"/docs/dup.html"}
+        assert all(log.gets[p] == 1 == log.conditional[p] for p in pages), log.gets
