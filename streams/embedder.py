@@ -1,4 +1,8 @@
-"""The embedding model: loaded once per process through FlagEmbedding, called in batches.
+"""The embedding model: loaded once per process, called in batches, on one of two backends.
+
+``torch`` (the default on a GPU) runs FlagEmbedding's model; ``onnx`` / ``onnx-int8``
+(``auto`` on a CPU) run the same weights exported to ONNX Runtime (streams/onnx_backend.py),
+behind the same interface: tokenize, encode_ids, dense (+ sparse for BGE-M3).
 
 FlagEmbedding loads the weights, tokenizer and (for BGE-M3) the sparse head, but its
 ``encode()`` probes the first batch twice and silently shrinks batches on any
@@ -21,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from streams.errors import ConfigError
 from streams.model import model_input_limit, resolve_model_path
+from streams.onnx_backend import resolve_backend
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,14 +70,58 @@ class Embedder:
         self.name = settings.model
         self.path = resolve_model_path(settings.model)
         self.device = _pick_device(settings.device, torch)
+        self.backend = resolve_backend(settings.backend, self.device)
         threads = settings.torch_threads or os.cpu_count() or 1
         if self.device == "cpu":
             torch.set_num_threads(threads)
         t0 = time.perf_counter()
+        self.sparse = is_m3(self.path)
+        self._lock = threading.Lock()
+        if self.backend == "torch":
+            self.tokenizer = self._load_torch()
+        else:
+            from transformers import AutoTokenizer
+
+            from streams import onnx_backend
+
+            # the tokenizer FlagEmbedding would load; the torch weights only on an export
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            self._session, graph = onnx_backend.load_session(
+                Path(self.path),
+                settings.home,
+                settings.model,
+                quantized=self.backend == "onnx-int8",
+                threads=threads,
+            )
+            self._head = graph.sparse_head
+            if self.sparse and self._head is None:
+                raise ConfigError(f"no sparse head was exported beside {graph.path}")
+            self._pooling = "cls" if self.sparse else pooling_of(self.path)
+        # the chunker cut for this same limit (streams/model.py): nothing is truncated here
+        self.max_length = model_input_limit(self.path, self.tokenizer)
+        self.n_special = len(self.tokenizer("")["input_ids"])  # tokens every text costs
+        self._unused_tokens = {
+            self.tokenizer.convert_tokens_to_ids(self.tokenizer.special_tokens_map[t])
+            for t in ("cls_token", "sep_token", "eos_token", "pad_token", "unk_token")
+            if t in self.tokenizer.special_tokens_map
+        }
+        self.dim = int(self.encode(["dimension probe"]).dense.shape[1])
+        log.info(
+            "model %s loaded on %s in %.1fs (dim %d, max %d tokens, sparse=%s, backend %s)",
+            self.name,
+            self.device,
+            time.perf_counter() - t0,
+            self.dim,
+            self.max_length,
+            self.sparse,
+            self.backend,
+        )
+
+    def _load_torch(self) -> Any:
+        """FlagEmbedding's model on the device (fp16 on a GPU); returns its tokenizer."""
         from FlagEmbedding import BGEM3FlagModel, FlagModel
 
         on_gpu = self.device.startswith("cuda")
-        self.sparse = is_m3(self.path)
         if self.sparse:
             self._flag = BGEM3FlagModel(self.path, use_fp16=on_gpu, devices=[self.device])
         else:
@@ -82,31 +132,12 @@ class Embedder:
                 devices=[self.device],
                 normalize_embeddings=True,
             )
-        self.tokenizer = self._flag.tokenizer
-        # the chunker cut for this same limit (streams/model.py): nothing is truncated here
-        self.max_length = model_input_limit(self.path, self.tokenizer)
-        self.n_special = len(self.tokenizer("")["input_ids"])  # tokens every text costs
         model = self._flag.model
         if not on_gpu:
             model.float()
         model.to(self.device)
         model.eval()
-        self._lock = threading.Lock()
-        self._unused_tokens = {
-            self.tokenizer.convert_tokens_to_ids(self.tokenizer.special_tokens_map[t])
-            for t in ("cls_token", "sep_token", "eos_token", "pad_token", "unk_token")
-            if t in self.tokenizer.special_tokens_map
-        }
-        self.dim = int(self.encode(["dimension probe"]).dense.shape[1])
-        log.info(
-            "model %s loaded on %s in %.1fs (dim %d, max %d tokens, sparse=%s)",
-            self.name,
-            self.device,
-            time.perf_counter() - t0,
-            self.dim,
-            self.max_length,
-            self.sparse,
-        )
+        return self._flag.tokenizer
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, cut at what the model reads: done once per text, the
@@ -123,6 +154,8 @@ class Embedder:
 
     def encode_ids(self, ids: Sequence[list[int]]) -> Encoded:
         """One forward pass over already tokenized texts, padded to the longest."""
+        if self.backend != "torch":
+            return self._encode_onnx(ids)
         torch = self._torch
         inputs = self.tokenizer.pad({"input_ids": list(ids)}, padding=True, return_tensors="pt").to(
             self.device
@@ -141,6 +174,22 @@ class Embedder:
                 pooled = self._flag.pooling(hidden, inputs["attention_mask"])
                 dense = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
                 sparse = None
+        return Encoded(dense=np.ascontiguousarray(dense, dtype=np.float32), sparse=sparse)
+
+    def _encode_onnx(self, ids: Sequence[list[int]]) -> Encoded:
+        """The encoder in ONNX Runtime; pooling and the sparse head in numpy (fp32)."""
+        from streams import onnx_backend
+
+        inputs = self.tokenizer.pad({"input_ids": list(ids)}, padding=True, return_tensors="np")
+        input_ids = inputs["input_ids"].astype(np.int64)
+        mask = inputs["attention_mask"].astype(np.int64)
+        with self._lock:
+            (hidden,) = self._session.run(None, {"input_ids": input_ids, "attention_mask": mask})
+        dense = onnx_backend.pool(hidden, mask, self._pooling)
+        sparse = None
+        if self.sparse and self._head is not None:
+            weights = onnx_backend.sparse_weights(hidden, self._head) * mask
+            sparse = [self._lexical(w, i) for w, i in zip(weights, input_ids, strict=True)]
         return Encoded(dense=np.ascontiguousarray(dense, dtype=np.float32), sparse=sparse)
 
     def _lexical(self, weights: np.ndarray, input_ids: np.ndarray) -> dict[int, float]:

