@@ -23,7 +23,14 @@ from rich.console import Console
 
 from bench.pipeline import PipelineOptions, run_pipeline, warmup_hook
 from bench.report import BenchResult, percentile, render
-from bench.runs import Workload, build_workload, naive_settings, run_bare, run_naive
+from bench.runs import (
+    Workload,
+    build_workload,
+    naive_settings,
+    run_bare,
+    run_compare,
+    run_naive,
+)
 from devtools.corpus import CorpusServer, corpus_files, ensure_django_docs, subset
 from streams.chunking import Chunker
 from streams.errors import RagstreamError
@@ -52,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-ms", type=float, default=100.0, help="latency per HTTP request (100)")
     p.add_argument("--skip-bare", action="store_true", help="do not time the bare model")
     p.add_argument("--skip-naive", action="store_true", help="do not time the naive loop")
+    p.add_argument(
+        "--skip-torch",
+        action="store_true",
+        help="do not time torch fp32 against the backend in use (nor compare their vectors)",
+    )
     p.add_argument(
         "--steady",
         action="store_true",
@@ -198,9 +210,10 @@ def in_process(
 
     t0 = time.perf_counter()
     embedder = Embedder(settings)
-    result.device = embedder.device
+    result.device, result.backend = embedder.device, embedder.backend
     console.print(
-        f"model {settings.model} loaded on {embedder.device} in {time.perf_counter() - t0:.1f}s"
+        f"model {settings.model} loaded on {embedder.device} ({embedder.backend}) in "
+        f"{time.perf_counter() - t0:.1f}s"
     )
     if not args.skip_bare:
         result.bare_batching = run_bare(
@@ -210,6 +223,18 @@ def in_process(
             on_done=lambda name, s: console.print(f"bare, {name}: {s:.2f}s"),
         )
         result.bare_s = min(result.bare_batching.values(), default=None)
+        if embedder.backend == "torch" and embedder.device == "cpu":
+            result.bare_torch_s = result.bare_s
+        elif embedder.backend != "torch" and not args.skip_torch and work.texts:
+            reference = Embedder(settings.model_copy(update={"backend": "torch"}))
+            cmp = run_compare(embedder, reference, work, settings)
+            del reference
+            result.compare_backend_s, result.bare_torch_s = cmp.backend_s, cmp.torch_s
+            result.agreement_mean_cos, result.agreement_min_cos = cmp.mean_cos, cmp.min_cos
+            console.print(
+                f"in turns: {cmp.backend} {cmp.backend_s:.2f}s, torch fp32 {cmp.torch_s:.2f}s; "
+                f"cosine mean {cmp.mean_cos:.4f}, min {cmp.min_cos:.4f}"
+            )
     if not args.skip_naive:
         run_dir = bench_home / "naive" / time.strftime("%Y%m%d-%H%M%S")
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ from streams.chunking import Chunker
 from streams.documents import page_chunks
 from streams.ids import doc_id, text_hash
 from streams.messages import Chunk, Vector
+from streams.onnx_backend import BACKENDS
 from streams.settings import MINILM, Settings
 
 if TYPE_CHECKING:
@@ -321,6 +322,12 @@ class EmbeddingCache:
 
     def close(self) -> None:
         self._db.close()
+
+
+def cache_key(model: str, backend: str) -> str:
+    """What the vectors are cached under: the model, and the backend unless torch (whose
+    vectors were cached under the model's name alone before there was a choice)."""
+    return model if backend == "torch" else f"{model}|{backend}"
 
 
 class CachedEncoder:
@@ -648,6 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     size.add_argument("--all", action="store_true", help="the whole corpus")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the distractor pages")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="the embedder's backend (default: RAGSTREAM_BACKEND); vectors are cached per backend",
+    )
     p.add_argument("--json-only", action="store_true", help="print only the JSON lines")
     p.add_argument("--show-misses", action="store_true", help="list each missed question")
     return p
@@ -702,12 +715,20 @@ def main(argv: list[str] | None = None) -> int:
     only = {c.strip() for c in args.chunkers.split(",") if c.strip()}
 
     settings = quality_settings()
+    if args.backend:
+        settings = settings.model_copy(update={"backend": args.backend})
+    from streams.embedder import device_and_backend
     from streams.model import resolve_model_path
+
+    device, backend = device_and_backend(settings)
+    err.print(f"model {settings.model}, backend {backend} on {device}")
 
     chunker = Chunker.from_model(
         resolve_model_path(settings.model), settings.chunk_tokens, settings.chunk_overlap
     )
-    cache = EmbeddingCache(settings.cache_dir / "quality" / "embeddings.sqlite", settings.model)
+    cache = EmbeddingCache(
+        settings.cache_dir / "quality" / "embeddings.sqlite", cache_key(settings.model, backend)
+    )
     encoder = CachedEncoder(settings, cache, err)
     pages = None if args.all else args.pages
     outcomes: list[Outcome] = []
@@ -727,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
                     make = functools.partial(MilvusIndex, settings, folder)
                     for o in evaluate(qset, name, fn, chunker, encoder, make, err):
                         outcomes.append(o)
-                        print(json.dumps(o.to_json()), flush=True)
+                        print(json.dumps({**o.to_json(), "backend": backend}), flush=True)
     finally:
         cache.close()
     render_table(outcomes, out)

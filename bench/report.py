@@ -117,7 +117,13 @@ class BenchResult:
     latency_ms: float
     model: str
     device: str | None = None
+    backend: str | None = None  # the embedder's backend (torch, onnx, onnx-int8)
     bare_s: float | None = None
+    # the backend in use against torch fp32, same batches timed in turns (bench.runs)
+    compare_backend_s: float | None = None
+    bare_torch_s: float | None = None
+    agreement_mean_cos: float | None = None
+    agreement_min_cos: float | None = None
     bare_batching: dict[str, float] = dataclasses.field(default_factory=dict)
     naive_s: float | None = None
     pipeline_s: float | None = None
@@ -181,6 +187,12 @@ class BenchResult:
             "docs_per_s": _r(pipe["docs_per_s"]),
             "tokens_per_s": _r(pipe["tokens_per_s"]),
             "bare_tokens_per_s": _r(per_second(self.tokens, self.bare_s)),
+            "backend": self.backend,
+            "bare_torch_tokens_per_s": _r(per_second(self.tokens, self.bare_torch_s)),
+            "compare_tokens_per_s": _r(per_second(self.tokens, self.compare_backend_s)),
+            "backend_speedup": _r(ratio(self.bare_torch_s, self.compare_backend_s)),
+            "agreement_mean_cos": _r(self.agreement_mean_cos, 6),
+            "agreement_min_cos": _r(self.agreement_min_cos, 6),
             "p50_s": _r(self.p50_s),
             "p99_s": _r(self.p99_s),
             "fresh_chunk_p50_s": _r(self.fresh_chunk_p50_s),
@@ -224,6 +236,7 @@ def render(result: BenchResult, console: Console) -> None:
         title=(
             f"{result.docs} pages, {result.chunks} chunks, {result.tokens:,} tokens; "
             f"{result.latency_ms:g} ms per request; {result.model} on {result.device or '?'}"
+            f" ({result.backend or '?'})"
         )
     )
     for col in ("run", "wall s", "docs/s", "chunks/s", "tokens/s"):
@@ -243,6 +256,9 @@ def render(result: BenchResult, console: Console) -> None:
         for name, seconds in result.bare_batching.items():
             best = " (best)" if seconds == result.bare_s else ""
             row(f"bare, {name}{best}", seconds)
+    if result.bare_torch_s is not None and result.compare_backend_s is not None:
+        row("bare, torch fp32 (in turns)", result.bare_torch_s)
+        row(f"bare, {result.backend} (in turns)", result.compare_backend_s)
     row("naive", result.naive_s)
     shape = (
         f" ({result.fetchers} fetch, {result.embed_workers} embed, "
@@ -264,6 +280,13 @@ def render(result: BenchResult, console: Console) -> None:
         "  ((bare + pages x latency) / bare)",
         f"embedder busy fraction:           {_fmt(result.busy_fraction, '.1%')}  {busy_label}",
     ]
+    if result.agreement_mean_cos is not None:
+        lines.append(
+            f"{result.backend} vs torch fp32:     "
+            f"{_fmt(ratio(result.bare_torch_s, result.compare_backend_s), '.2f', 'x')} tokens/s"
+            f", cosine mean {result.agreement_mean_cos:.4f}, min "
+            f"{_fmt(result.agreement_min_cos, '.4f')} over {result.chunks} chunks"
+        )
     if result.p50_s is not None:
         lines.append(
             f"publish-to-searchable latency:    p50 {result.p50_s:.2f} s, p99 "

@@ -135,6 +135,50 @@ def run_bare(
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """The backend in use against torch fp32 on the same batches, timed in turns."""
+
+    backend: str
+    backend_s: float
+    torch_s: float
+    mean_cos: float
+    min_cos: float
+
+
+def run_compare(
+    embedder: Embedder,
+    reference: Embedder,
+    work: Workload,
+    settings: Settings,
+) -> Comparison:
+    """Both models on the pipeline's token-budget batches, batch by batch in turns (A B,
+    then B A), so that whatever else the shared machine does at a moment falls on both
+    alike; only the encode calls are timed. The vectors of every chunk are compared.
+    """
+    from streams.onnx_backend import agreement
+
+    if not work.texts:
+        raise ValueError("no chunk texts to compare")
+    batches = plan_batches(work.lengths, settings.embed_batch_tokens, settings.embed_max_batch)
+    ours = np.zeros((work.chunks, embedder.dim), dtype=np.float32)
+    ref = np.zeros((work.chunks, reference.dim), dtype=np.float32)
+    spent = {"ours": 0.0, "ref": 0.0}
+    warm = [work.texts[i] for i in batches[0]]
+    embedder.encode(warm)
+    reference.encode(warm)
+    for n, batch in enumerate(batches):
+        texts = [work.texts[i] for i in batch]
+        turns = [("ours", embedder, ours), ("ref", reference, ref)]
+        for key, model, into in turns if n % 2 == 0 else turns[::-1]:
+            t0 = time.perf_counter()
+            dense = model.encode(texts).dense
+            spent[key] += time.perf_counter() - t0
+            into[batch] = dense
+    mean, low = agreement(ours, ref)
+    return Comparison(embedder.backend, spent["ours"], spent["ref"], mean, low)
+
+
 def naive_settings(settings: Settings, run_dir: Path) -> Settings:
     """A Milvus target of its own for the naive run: a fresh Lite file, or on a server a
     fresh collection."""

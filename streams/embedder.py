@@ -201,6 +201,15 @@ class Embedder:
         return result
 
 
+def device_and_backend(settings: Settings) -> tuple[str, str]:
+    """The device and backend an ``Embedder`` for ``settings`` will use, without loading
+    the model (imports torch to see a GPU): for a bench that labels or caches by backend."""
+    import torch
+
+    device = _pick_device(settings.device, torch)
+    return device, resolve_backend(settings.backend, device)
+
+
 def _pick_device(setting: str, torch: Any) -> str:
     if setting != "auto":
         return setting

@@ -77,6 +77,60 @@ def test_result_json_has_nulls_for_what_was_not_measured() -> None:
     assert r.ok is False
 
 
+def test_result_json_carries_the_backend_against_torch() -> None:
+    r = BenchResult(docs=3, chunks=30, tokens=6000, latency_ms=100, model=MINILM, device="cpu")
+    r.backend, r.bare_s = "onnx-int8", 2.0
+    out = r.to_json()
+    for key in ("bare_torch_tokens_per_s", "agreement_mean_cos", "agreement_min_cos"):
+        assert out[key] is None  # not measured: null, never a guess
+    assert out["backend"] == "onnx-int8" and out["bare_tokens_per_s"] == pytest.approx(3000)
+    r.compare_backend_s, r.bare_torch_s = 2.5, 7.5
+    r.agreement_mean_cos, r.agreement_min_cos = 0.995, 0.98
+    out = r.to_json()
+    assert out["bare_torch_tokens_per_s"] == pytest.approx(800)
+    assert out["compare_tokens_per_s"] == pytest.approx(2400)
+    assert out["backend_speedup"] == pytest.approx(3.0)
+    assert (out["agreement_mean_cos"], out["agreement_min_cos"]) == (0.995, 0.98)
+
+
+class _FakeModel:
+    """Vectors from each text's number (one-hot), optionally turned for one text; it
+    records which model encoded when."""
+
+    dim = 4
+
+    def __init__(self, backend: str, calls: list[str], turned: str = "") -> None:
+        self.backend, self._calls, self._turned = backend, calls, turned
+
+    def encode(self, texts: list[str]):
+        from streams.embedder import Encoded
+
+        self._calls.append(self.backend)
+        dense = np.zeros((len(texts), 4), dtype=np.float32)
+        for row, text in enumerate(texts):
+            dense[row, int(text[-1]) % 4] = 1.0
+            if text == self._turned:
+                dense[row] = [1.0, 1.0, 1.0, 1.0]
+        return Encoded(dense=dense, sparse=None)
+
+
+def test_compare_takes_turns_and_compares_every_chunk() -> None:
+    from bench.runs import Workload, run_compare
+
+    texts = [f"text {i}" for i in range(8)]
+    work = Workload(pages=[], texts=texts, lengths=[100 + i for i in range(8)])
+    settings = Settings(embed_batch_tokens=256, embed_max_batch=32)  # two texts a batch
+    calls: list[str] = []
+    ours = _FakeModel("onnx-int8", calls, turned="text 5")
+    cmp = run_compare(ours, _FakeModel("torch", calls), work, settings)  # type: ignore[arg-type]
+    assert calls[:2] == ["onnx-int8", "torch"]  # the warm-up, untimed
+    timed = calls[2:]
+    assert len(timed) == 8 and timed[:4] == ["onnx-int8", "torch", "torch", "onnx-int8"]
+    assert cmp.backend == "onnx-int8" and cmp.backend_s > 0 and cmp.torch_s > 0
+    assert cmp.min_cos == pytest.approx(0.5)  # text 5: (1,1,1,1) against a one-hot
+    assert cmp.mean_cos == pytest.approx((7 + 0.5) / 8)
+
+
 # --- log and process parsing ----------------------------------------------------------------
 
 
@@ -191,6 +245,10 @@ def test_bench_runs_end_to_end(broker: str, tmp_path: Path, django_docs: Path, c
     assert out["efficiency"] == pytest.approx(out["bare_s"] / out["pipeline_s"], rel=1e-3)
     assert out["chunks_per_s"] == pytest.approx(expected / out["pipeline_s"], rel=1e-3)
     assert out["model"] == MINILM and out["device"]
+    if out["backend"] == "torch":  # torch fp32 is the backend in use: the same figure
+        assert out["bare_torch_tokens_per_s"] == out["bare_tokens_per_s"] > 0
+    else:  # timed against torch fp32 in the same run, vectors compared
+        assert out["bare_torch_tokens_per_s"] > 0 and out["agreement_mean_cos"] >= 0.99
     assert out["busy_source"] == "metric" and 0 < out["busy_fraction"] <= 1  # from /metrics
     assert {"fetch", "embed", "write"} <= set(out["peak_rss_mb"])
     assert all(v > 20 for v in out["peak_rss_mb"].values())
