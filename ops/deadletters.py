@@ -59,7 +59,7 @@ from streams.messages import (
 )
 from streams.retry import HOPS
 from streams.settings import Settings
-from streams.topics import STAGES, URLS, dlq
+from streams.topics import CRAWL, STAGES, URLS, dlq
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +170,17 @@ class Filters:
 def dlq_topics(
     settings: Settings, stages: frozenset[str] | set[str] = frozenset()
 ) -> dict[str, str]:
-    """Dead-letter topic name -> the stage that writes it (every stage when none given)."""
-    return {
+    """Dead-letter topic name -> the stage that writes it (every stage when none given):
+    the three stages', and the crawl frontier's (unreadable crawl reports; it runs in the
+    fetch worker, so ``fetch`` selects it too)."""
+    out = {
         settings.topic(dlq(topic)): stage
         for stage, topic in STAGES.items()
         if not stages or stage in stages
     }
+    if not stages or "fetch" in stages:
+        out[settings.topic(dlq(CRAWL))] = "frontier"
+    return out
 
 
 # --- reading ------------------------------------------------------------------------------

@@ -383,3 +383,14 @@ def test_malformed_url_request_lands_in_dlq_and_lists_as_decode(settings: Settin
     assert (entry.stage, entry.error_class) == ("fetch", "decode")
     assert entry.letter.topic == settings.topic(URLS)
     assert (entry.letter.key, entry.letter.value) == (b"bad", b"this is { not json")
+
+
+def test_the_crawl_frontiers_letters_are_listed_with_the_fetch_stage(unit_settings) -> None:
+    """crawl.dlq (unreadable crawl reports) is read by dlq list/redrive and counted by
+    status like the stages' own; the frontier runs in the fetch worker."""
+    from ops.deadletters import dlq_topics
+
+    crawl_dlq = unit_settings.topic("crawl.dlq")
+    assert dlq_topics(unit_settings)[crawl_dlq] == "frontier"
+    assert crawl_dlq in dlq_topics(unit_settings, {"fetch"})
+    assert crawl_dlq not in dlq_topics(unit_settings, {"embed", "write"})
