@@ -43,7 +43,7 @@ from streams.chunking import Chunker
 from streams.documents import page_chunks
 from streams.ids import doc_id, text_hash
 from streams.messages import Chunk, Vector
-from streams.onnx_backend import BACKENDS
+from streams.onnx_backend import BACKENDS, GRAPH_FORMAT
 from streams.settings import MINILM, Settings
 
 if TYPE_CHECKING:
@@ -327,7 +327,7 @@ class EmbeddingCache:
 def cache_key(model: str, backend: str) -> str:
     """What the vectors are cached under: the model, and the backend unless torch (whose
     vectors were cached under the model's name alone before there was a choice)."""
-    return model if backend == "torch" else f"{model}|{backend}"
+    return model if backend == "torch" else f"{model}|{backend}|{GRAPH_FORMAT}"
 
 
 class CachedEncoder:

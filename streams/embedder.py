@@ -177,19 +177,32 @@ class Embedder:
         return Encoded(dense=np.ascontiguousarray(dense, dtype=np.float32), sparse=sparse)
 
     def _encode_onnx(self, ids: Sequence[list[int]]) -> Encoded:
-        """The encoder in ONNX Runtime; pooling and the sparse head in numpy (fp32)."""
+        """The encoder in ONNX Runtime, one text per run; pooling and the sparse head in
+        numpy (fp32).
+
+        One text per run, not the padded batch: int8 activations are quantized with one
+        scale per run, so in a batch a text's vector moved with its batch mates (cosine
+        0.991 to 0.998 between two batchings of the same Django chunks); alone it is the
+        same whatever the batching, as torch's is. On a CPU it is also faster (no work on
+        padding; measured 1.5x the batched run on Django chunks)."""
         from streams import onnx_backend
 
-        inputs = self.tokenizer.pad({"input_ids": list(ids)}, padding=True, return_tensors="np")
-        input_ids = inputs["input_ids"].astype(np.int64)
-        mask = inputs["attention_mask"].astype(np.int64)
+        dense = np.zeros((0, getattr(self, "dim", 0)), dtype=np.float32)
+        rows: list[np.ndarray] = []
+        sparse: list[dict[int, float]] | None = [] if self.sparse else None
         with self._lock:
-            (hidden,) = self._session.run(None, {"input_ids": input_ids, "attention_mask": mask})
-        dense = onnx_backend.pool(hidden, mask, self._pooling)
-        sparse = None
-        if self.sparse and self._head is not None:
-            weights = onnx_backend.sparse_weights(hidden, self._head) * mask
-            sparse = [self._lexical(w, i) for w, i in zip(weights, input_ids, strict=True)]
+            for one in ids:
+                input_ids = np.asarray([one], dtype=np.int64)
+                mask = np.ones_like(input_ids)
+                (hidden,) = self._session.run(
+                    None, {"input_ids": input_ids, "attention_mask": mask}
+                )
+                rows.append(onnx_backend.pool(hidden, mask, self._pooling)[0])
+                if sparse is not None and self._head is not None:
+                    weights = onnx_backend.sparse_weights(hidden, self._head)
+                    sparse.append(self._lexical(weights[0], input_ids[0]))
+        if rows:
+            dense = np.stack(rows)
         return Encoded(dense=np.ascontiguousarray(dense, dtype=np.float32), sparse=sparse)
 
     def _lexical(self, weights: np.ndarray, input_ids: np.ndarray) -> dict[int, float]:

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 #: What ``RAGSTREAM_BACKEND`` accepts; ``auto`` is decided by :func:`resolve_backend`.
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
-#: Bumped when the exported graph's layout (inputs, outputs, opset) changes.
-GRAPH_FORMAT = 1
+#: Bumped when the graph (inputs, outputs, opset, quantization) or the way it is run
+#: changes its vectors: cached graphs and a bench's cached vectors are keyed by it.
+GRAPH_FORMAT = 2
 OPSET = 17
 #: Files of a model folder that are hashed whole; larger ones by size and sampled bytes.
 _WHOLE_BELOW = 1 << 20

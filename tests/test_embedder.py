@@ -1,4 +1,5 @@
-"""The model wrapper: MiniLM through FlagEmbedding gives sentence-transformers' vectors."""
+"""The model wrapper: MiniLM through FlagEmbedding gives sentence-transformers' vectors
+(the torch backend; the ONNX ones are compared with it in tests/test_onnx_embedder.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def embedder() -> Embedder:
-    return Embedder(Settings(model=MINILM, device="cpu"))
+    return Embedder(Settings(model=MINILM, device="cpu", backend="torch"))
 
 
 def test_minilm_is_mean_pooled_and_matches_sentence_transformers(embedder: Embedder) -> None:

@@ -79,11 +79,12 @@ def test_the_stage_interface_is_the_same(torch_minilm: Embedder, int8_minilm: Em
     assert int8_minilm.tokenize(TEXTS) == torch_minilm.tokenize(TEXTS)
     assert int8_minilm.n_special == torch_minilm.n_special
     assert int8_minilm.max_length == torch_minilm.max_length
-    # int8 activations are scaled per batch: a text's vector moves a little with its batch
-    # mates (padding included), but alone or batched it stays torch's
+    # a text's vector does not depend on its batch mates (int8 activations are scaled per
+    # run: in a shared run it moved with them, down to cosine 0.97 here)
     ids = int8_minilm.tokenize(TEXTS)
     alone = np.stack([int8_minilm.encode_ids([x]).dense[0] for x in ids])
-    assert agreement(alone, torch_minilm.encode(TEXTS).dense)[0] >= 0.99
+    assert agreement(alone, int8_minilm.encode_ids(ids).dense)[1] > 0.99999
+    assert int8_minilm.encode_ids([]).dense.shape[0] == 0
 
 
 def test_fp32_onnx_is_torch(torch_minilm: Embedder, home: Path) -> None:
