@@ -75,7 +75,7 @@ def model_lengths(chunker: Chunker, texts: list[str]) -> list[int]:
     Chunks never exceed what the model reads, so this equals ``Embedder.token_lengths``
     without loading the model.
     """
-    specials = chunker.tokenizer.num_special_tokens_to_add(pair=False)
+    specials = chunker.tokenizer.num_special_tokens_to_add(False)  # tokenizers or transformers
     return [n + specials for n in chunker.count_tokens(texts)]
 
 
