@@ -92,9 +92,12 @@ def model_fingerprint(model_path: Path, versions: dict[str, str]) -> str:
 
 
 def cache_dir(home: Path, model_name: str, fingerprint: str) -> Path:
-    """``<home>/models/<model>-<fingerprint>``: one folder per model and build inputs."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name).strip("-.") or "model"
-    return home / "models" / f"{slug[-60:]}-{fingerprint}"
+    """``<home>/models/<model>-<fingerprint>``: one folder per model and build inputs,
+    named after the model's last path part (a model in a temporary folder still finds its
+    graph the next time: the fingerprint, not the path, says it is the same model)."""
+    name = Path(model_name.rstrip("/\\")).name or model_name
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+    return home / "models" / f"{slug[:60]}-{fingerprint}"
 
 
 def graph_name(quantized: bool) -> str:

@@ -237,12 +237,12 @@ class Settings(BaseSettings):
     )
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
-        default="torch",
+        default="auto",
         description=(
             "How the embedder runs the model: 'torch' (fp32 on a CPU, fp16 on a GPU), 'onnx' "
             "(ONNX Runtime fp32) or 'onnx-int8' (int8 weights, ~3x torch on a CPU), both "
             "exported from the local weights on first use and cached under <home>/models/; "
-            "'auto' = onnx-int8 on a CPU, torch on a GPU."
+            "'auto' = onnx-int8 on a CPU, torch on a GPU (docs/decisions.md)."
         ),
     )
     embed_batch_tokens: int = Field(

@@ -81,8 +81,9 @@ def test_the_fingerprint_follows_weights_config_and_versions(tmp_path: Path) -> 
 
 def test_the_cache_folder_is_per_model_under_home(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    folder = cache_dir(home, "/models/BAAI bge-m3/", "abc123")
-    assert folder == home / "models" / "models-BAAI-bge-m3-abc123"
+    folder = cache_dir(home, "/tmp/pytest-7/models0/BAAI bge-m3/", "abc123")
+    assert folder == home / "models" / "BAAI-bge-m3-abc123"
+    assert cache_dir(home, "BAAI/bge-m3", "f").name == "bge-m3-f"
     assert cache_dir(home, "all-MiniLM-L6-v2", "f").name == "all-MiniLM-L6-v2-f"
     assert (graph_name(False), graph_name(True)) == ("model.onnx", "model.int8.onnx")
 
