@@ -88,7 +88,7 @@ class Embedder:
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
             self._session, graph = onnx_backend.load_session(
                 Path(self.path),
-                settings.home,
+                settings.model_cache,
                 settings.model,
                 quantized=self.backend == "onnx-int8",
                 threads=threads,

@@ -91,13 +91,14 @@ def model_fingerprint(model_path: Path, versions: dict[str, str]) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_dir(home: Path, model_name: str, fingerprint: str) -> Path:
-    """``<home>/models/<model>-<fingerprint>``: one folder per model and build inputs,
+def cache_dir(models_dir: Path, model_name: str, fingerprint: str) -> Path:
+    """``<models_dir>/<model>-<fingerprint>`` (``Settings.model_cache``: ``<home>/models``
+    unless set): one folder per model and build inputs,
     named after the model's last path part (a model in a temporary folder still finds its
     graph the next time: the fingerprint, not the path, says it is the same model)."""
     name = Path(model_name.rstrip("/\\")).name or model_name
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
-    return home / "models" / f"{slug[:60]}-{fingerprint}"
+    return models_dir / f"{slug[:60]}-{fingerprint}"
 
 
 def graph_name(quantized: bool) -> str:
@@ -120,9 +121,9 @@ class Graph:
     sparse_head: tuple[np.ndarray, float] | None  # (weight (hidden,), bias)
 
 
-def graph_folder(model_path: Path, home: Path, model_name: str) -> Path:
-    """Where this model's graphs are cached under ``home``."""
-    return cache_dir(home, model_name, model_fingerprint(model_path, exporter_versions()))
+def graph_folder(model_path: Path, models_dir: Path, model_name: str) -> Path:
+    """Where this model's graphs are cached under ``models_dir``."""
+    return cache_dir(models_dir, model_name, model_fingerprint(model_path, exporter_versions()))
 
 
 def ensure_graph(model_path: Path, folder: Path, quantized: bool) -> Graph:
@@ -277,12 +278,12 @@ def session_options(threads: int) -> Any:
 
 
 def load_session(
-    model_path: Path, home: Path, model_name: str, quantized: bool, threads: int
+    model_path: Path, models_dir: Path, model_name: str, quantized: bool, threads: int
 ) -> tuple[Any, Graph]:
     """An ONNX Runtime session on the cached graph, rebuilt once if the file is corrupt."""
     import onnxruntime as ort
 
-    folder = graph_folder(model_path, home, model_name)
+    folder = graph_folder(model_path, models_dir, model_name)
     for attempt in (1, 2):
         try:
             graph = ensure_graph(model_path, folder, quantized)

@@ -245,6 +245,11 @@ class Settings(BaseSettings):
             "'auto' = onnx-int8 on a CPU, torch on a GPU (docs/decisions.md)."
         ),
     )
+    models_dir: Path | None = Field(
+        default=None,
+        description="Where exported models (the ONNX graphs) are cached; empty = <home>/models. "
+        "Keyed by the weights' fingerprint, locked while built: homes may share one.",
+    )
     embed_batch_tokens: int = Field(
         default=4096, description="Budget of padded tokens per encode call."
     )
@@ -553,11 +558,18 @@ class Settings(BaseSettings):
     def milvus_is_lite(self) -> bool:
         return not self.milvus_target.startswith(("http://", "https://", "tcp://", "grpc://"))
 
+    @property
+    def model_cache(self) -> Path:
+        """Where exported models are cached: ``models_dir``, else ``<home>/models``."""
+        return self.models_dir or self.home / "models"
+
     def to_env(self) -> dict[str, str]:
         """These settings as environment variables, for the processes a supervisor starts."""
         env = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
+            if value is None:  # unset: the child's default, not the string "None"
+                continue
             if isinstance(value, SecretStr):  # a child process needs the secret itself
                 env[f"RAGSTREAM_{name.upper()}"] = value.get_secret_value()
             elif isinstance(value, Path):

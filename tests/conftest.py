@@ -86,6 +86,9 @@ def _test_settings(broker: str, home: Path) -> Settings:
         # The SSRF guard is on by default: tests serve from 127.0.0.1 and allow exactly that
         # (127.0.0.2 stays forbidden: the SSRF tests keep their secret there).
         fetch_allow="127.0.0.1/32",
+        # One export of each model's ONNX graph for the whole run (and later runs), not one
+        # per test home: keyed by the weights' fingerprint, built under a lock.
+        models_dir=Settings().cache_dir / "test-models",
     )
 
 

@@ -17,6 +17,7 @@ from streams.onnx_backend import (
     resolve_backend,
     sparse_weights,
 )
+from streams.settings import Settings
 
 VERSIONS = {"torch": "2.15.0", "onnx": "1.23.2"}
 
@@ -81,10 +82,13 @@ def test_the_fingerprint_follows_weights_config_and_versions(tmp_path: Path) -> 
 
 def test_the_cache_folder_is_per_model_under_home(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    folder = cache_dir(home, "/tmp/pytest-7/models0/BAAI bge-m3/", "abc123")
+    cache = Settings(home=home).model_cache
+    assert cache == home / "models"
+    assert Settings(home=home, models_dir=tmp_path / "shared").model_cache == tmp_path / "shared"
+    folder = cache_dir(cache, "/tmp/pytest-7/models0/BAAI bge-m3/", "abc123")
     assert folder == home / "models" / "BAAI-bge-m3-abc123"
-    assert cache_dir(home, "BAAI/bge-m3", "f").name == "bge-m3-f"
-    assert cache_dir(home, "all-MiniLM-L6-v2", "f").name == "all-MiniLM-L6-v2-f"
+    assert cache_dir(cache, "BAAI/bge-m3", "f").name == "bge-m3-f"
+    assert cache_dir(cache, "all-MiniLM-L6-v2", "f").name == "all-MiniLM-L6-v2-f"
     assert (graph_name(False), graph_name(True)) == ("model.onnx", "model.int8.onnx")
 
 

@@ -96,7 +96,7 @@ def test_fp32_onnx_is_torch(torch_minilm: Embedder, home: Path) -> None:
 
 
 def test_the_graph_is_cached_and_a_corrupt_one_rebuilt(int8_minilm: Embedder, home: Path) -> None:
-    folder = graph_folder(Path(int8_minilm.path), home, MINILM)
+    folder = graph_folder(Path(int8_minilm.path), home / "models", MINILM)
     graph = folder / "model.int8.onnx"
     assert folder.parent == home / "models" and graph.exists()
     before = graph.stat().st_mtime_ns
