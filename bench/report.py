@@ -129,6 +129,7 @@ class BenchResult:
     pipeline_s: float | None = None
     p50_s: float | None = None
     p99_s: float | None = None
+    efficiency_runs: list[float | None] = dataclasses.field(default_factory=list)  # --repeats
     fresh_chunk_p50_s: float | None = None  # per chunk (p50_s, p99_s: per page)
     fresh_chunk_p99_s: float | None = None
     steady_rate: float | None = None
@@ -149,6 +150,12 @@ class BenchResult:
     @property
     def efficiency(self) -> float | None:
         return efficiency(self.bare_s, self.pipeline_s)
+
+    @property
+    def efficiency_spread(self) -> float | None:
+        """Largest minus smallest efficiency over the rounds of ``--repeats``."""
+        runs = [e for e in self.efficiency_runs if e is not None]
+        return max(runs) - min(runs) if len(runs) > 1 else None
 
     @property
     def speedup(self) -> float | None:
@@ -195,6 +202,8 @@ class BenchResult:
             "agreement_min_cos": _r(self.agreement_min_cos, 6),
             "p50_s": _r(self.p50_s),
             "p99_s": _r(self.p99_s),
+            "efficiency_runs": [_r(e) for e in self.efficiency_runs],
+            "efficiency_spread": _r(self.efficiency_spread),
             "fresh_chunk_p50_s": _r(self.fresh_chunk_p50_s),
             "fresh_chunk_p99_s": _r(self.fresh_chunk_p99_s),
             "steady_rate": _r(self.steady_rate),
@@ -270,11 +279,20 @@ def render(result: BenchResult, console: Console) -> None:
     console.print(table)
 
     busy_label = {
-        "log": "from the embed stage's stats log",
+        "metric": "from ragstream_embed_busy_seconds_total",
         "approx": "approx.: bare_s / pipeline_s",
     }.get(result.busy_source or "", "")
     lines = [
         f"efficiency (bare / pipeline):     {_fmt(result.efficiency, '.1%')}",
+        *(
+            [
+                "  over the rounds:                "
+                + ", ".join(_fmt(e, ".1%") for e in result.efficiency_runs)
+                + f"  (median shown; spread {_fmt(result.efficiency_spread, '.1%')})"
+            ]
+            if result.efficiency_runs
+            else []
+        ),
         f"speed-up (naive / pipeline):      {_fmt(result.speedup, '.2f', 'x')}",
         f"speed-up bound on a CPU:          {_fmt(result.speedup_bound, '.2f', 'x')}"
         "  ((bare + pages x latency) / bare)",

@@ -253,3 +253,19 @@ def test_bench_runs_end_to_end(broker: str, tmp_path: Path, django_docs: Path, c
     assert {"fetch", "embed", "write"} <= set(out["peak_rss_mb"])
     assert all(v > 20 for v in out["peak_rss_mb"].values())
     assert "efficiency" in proc.stdout  # the human table came before the JSON line
+
+
+def test_repeats_report_the_median_round_and_the_spread() -> None:
+    from bench.__main__ import Round, median_round
+
+    def r(bare: float | None, pipe: float) -> Round:
+        return Round(bare, pipe, None)  # type: ignore[arg-type]
+
+    rounds = [r(9.0, 10.0), r(6.0, 10.0), r(8.0, 10.0)]  # 0.9, 0.6, 0.8
+    assert median_round(rounds) is rounds[2]
+    assert median_round(rounds[:2]) is rounds[1]  # even: the lower middle
+    assert median_round([r(None, 10.0), r(None, 12.0)]).pipeline_s == 10.0  # not measured
+    result = BenchResult(docs=1, chunks=1, tokens=1, latency_ms=100.0, model="m")
+    result.efficiency_runs = [0.9, 0.6, 0.8]
+    assert result.efficiency_spread == pytest.approx(0.3)
+    assert result.to_json()["efficiency_runs"] == [0.9, 0.6, 0.8]
