@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import logging.config
 import os
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,6 +50,23 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not when configured:
+    a caller that swaps stderr (pytest's capture, a CLI run in-process) and closes its
+    stream must not leave the root logger writing to a closed file."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def logging_config(
     log_format: str = "text", level: int = logging.INFO, stage: str | None = None
 ) -> dict[str, Any]:
@@ -62,13 +80,7 @@ def logging_config(
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"ragstream": formatter},
-        "handlers": {
-            "default": {
-                "class": "logging.StreamHandler",
-                "formatter": "ragstream",
-                "stream": "ext://sys.stderr",
-            }
-        },
+        "handlers": {"default": {"()": StderrHandler, "formatter": "ragstream"}},
         "loggers": quiet,
         "root": {"level": level, "handlers": ["default"]},
     }

@@ -262,3 +262,23 @@ def test_every_metric_is_documented() -> None:
     doc = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
     documented = set(re.findall(r"^\| `(ragstream_[a-z_]+)` \|", doc, re.MULTILINE))
     assert documented == defined
+
+
+def test_logs_follow_stderr_when_a_caller_swaps_and_closes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CLI configures logging on every in-process run (tests, ``cli_environ``): a
+    handler bound to the stderr of that moment wrote to a closed file afterwards."""
+    import io
+
+    swapped = io.StringIO()
+    monkeypatch.setattr("sys.stderr", swapped)
+    logs.setup("text")
+    logging.getLogger("ragstream.test").warning("during")
+    assert "during" in swapped.getvalue()
+    later = io.StringIO()
+    monkeypatch.setattr("sys.stderr", later)
+    swapped.close()
+    logging.getLogger("ragstream.test").warning("after")  # no "I/O operation on closed file"
+    assert "Logging error" not in later.getvalue()
+    assert later.getvalue().rstrip().endswith("WARNING ragstream.test: after")
