@@ -193,6 +193,7 @@ def run(args: argparse.Namespace, console: Console) -> BenchResult:
     result.pipeline_s = pipe.seconds
     result.device = result.device or pipe.device
     result.peak_rss_mb = pipe.peak_rss_mb
+    result.cpu_s = pipe.cpu_s
     result.milvus_rows = pipe.milvus_rows
     result.expected_rows = pipe.expected_rows
     result.dead_letters = pipe.snapshot.dead

@@ -81,6 +81,7 @@ class PipelineResult:
     milvus_rows: int | None
     expected_rows: int
     peak_rss_mb: dict[str, float]
+    cpu_s: dict[str, float]  # CPU seconds per stage (and the broker) in the timed part
     device: str | None
     busy_fraction: float | None  # from the embedders' /metrics; None when not served
     latencies: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -230,17 +231,23 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 class RssSampler(threading.Thread):
-    """Samples the workers' process trees every ``interval_s``; keeps the peak RSS per stage
-    (the largest single process of that stage), identified by ``--stage X`` in argv."""
+    """Samples the workers' process trees (and the broker's JVM) every ``interval_s``; keeps
+    the peak RSS per stage (the largest single process of that stage, identified by
+    ``--stage X`` in argv) and, between :meth:`mark` and :meth:`stop`, the CPU seconds each
+    stage spent: on two cores what the other stages and the broker burn is what the model
+    cannot have, so these figures say where the pipeline's time goes."""
 
     def __init__(self, roots: list[int], interval_s: float = 0.5) -> None:
         super().__init__(daemon=True, name="rss-sampler")
         self.roots = roots
         self.interval_s = interval_s
         self.peak_mb: dict[str, float] = {}
+        self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (label, last CPU seconds seen)
+        self._cpu_mark: dict[int, float] = {}
         self._halt = threading.Event()
+        self._lock = threading.Lock()
 
-    def sample(self) -> None:
+    def _procs(self) -> Iterator[tuple[str, object]]:
         import psutil
 
         for root in self.roots:
@@ -251,11 +258,45 @@ class RssSampler(threading.Thread):
                 continue
             for proc in procs:
                 try:
-                    label = stage_of(proc.cmdline()) or "other"
-                    mb = proc.memory_info().rss / 2**20
+                    yield stage_of(proc.cmdline()) or "other", proc
                 except psutil.Error:
                     continue
-                self.peak_mb[label] = max(self.peak_mb.get(label, 0.0), mb)
+        for proc in psutil.process_iter(["cmdline"]):
+            if "kafka.Kafka" in (proc.info.get("cmdline") or []):
+                yield "broker", proc
+
+    def sample(self) -> None:
+        import psutil
+
+        with self._lock:
+            for label, proc in self._procs():
+                assert isinstance(proc, psutil.Process)
+                try:
+                    mb = proc.memory_info().rss / 2**20
+                    cpu = proc.cpu_times()
+                except psutil.Error:
+                    continue
+                if label != "broker":
+                    self.peak_mb[label] = max(self.peak_mb.get(label, 0.0), mb)
+                self._cpu[proc.pid] = (label, cpu.user + cpu.system)
+
+    def mark(self) -> None:
+        """Start counting CPU seconds from now (the timed part of the run)."""
+        self.sample()
+        with self._lock:
+            self._cpu_mark = {pid: s for pid, (_, s) in self._cpu.items()}
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds per stage since :meth:`mark` (a process that exited keeps its last
+        sample); empty without a mark."""
+        self.sample()
+        out: dict[str, float] = {}
+        with self._lock:
+            if not self._cpu_mark:
+                return out
+            for pid, (label, s) in self._cpu.items():
+                out[label] = out.get(label, 0.0) + s - self._cpu_mark.get(pid, 0.0)
+        return out
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -324,10 +365,12 @@ def _run(
         busy_before = busy_seconds(settings)
         n = len(work.pages)
         reqs = [UrlRequest(url=p.url, source="bench") for p in work.pages]
+        sampler.mark()
         t0 = time.perf_counter()
         asyncio.run(publish(settings, reqs))
         snap = _wait(settings, base, n, workers, opts.timeout_s, console)
         seconds = time.perf_counter() - t0
+        cpu_s = sampler.cpu_seconds()
         busy = busy_fraction(busy_before, busy_seconds(settings), seconds)
         console.print(f"pipeline: {n} pages indexed in {seconds:.2f}s")
 
@@ -367,6 +410,7 @@ def _run(
         milvus_rows=rows,
         expected_rows=expected_rows,
         peak_rss_mb=peak,
+        cpu_s=cpu_s,
         device=device,
         busy_fraction=busy,
         latencies=latencies,

@@ -135,6 +135,7 @@ class BenchResult:
     steady_rate: float | None = None
     steady_docs: int | None = None
     peak_rss_mb: dict[str, float] = dataclasses.field(default_factory=dict)
+    cpu_s: dict[str, float] = dataclasses.field(default_factory=dict)  # per stage, timed part
     busy_fraction: float | None = None
     busy_source: str | None = None
     milvus_rows: int | None = None
@@ -217,6 +218,7 @@ class BenchResult:
             "model": self.model,
             "device": self.device,
             "peak_rss_mb": {k: round(v, 1) for k, v in sorted(self.peak_rss_mb.items())},
+            "cpu_s": {k: round(v, 2) for k, v in sorted(self.cpu_s.items())},
             "bare_batching_s": {k: _r(v) for k, v in self.bare_batching.items()},
             "milvus_rows": self.milvus_rows,
             "expected_rows": self.expected_rows,
@@ -316,6 +318,9 @@ def render(result: BenchResult, console: Console) -> None:
             f"  per chunk:                      p50 {result.fresh_chunk_p50_s:.2f} s, p99 "
             f"{_fmt(result.fresh_chunk_p99_s)} s"
         )
+    if result.cpu_s:
+        cpu = ", ".join(f"{k} {v:,.1f}" for k, v in sorted(result.cpu_s.items()))
+        lines.append(f"CPU seconds per stage (pipeline): {cpu}")
     if result.peak_rss_mb:
         rss = ", ".join(f"{k} {v:,.0f}" for k, v in sorted(result.peak_rss_mb.items()))
         lines.append(f"peak RSS per process (MB):        {rss}")

@@ -265,7 +265,11 @@ class Settings(BaseSettings):
         ),
     )
     torch_threads: int = Field(
-        default=0, description="The model's intra-op threads (torch or ONNX Runtime); 0 = cores."
+        default=0,
+        description=(
+            "The model's threads: torch's intra-op threads, or how many texts ONNX Runtime "
+            "encodes side by side (one thread each); 0 = cores."
+        ),
     )
 
     # --- write -------------------------------------------------------------------------

@@ -87,6 +87,20 @@ def test_the_stage_interface_is_the_same(torch_minilm: Embedder, int8_minilm: Em
     assert int8_minilm.encode_ids([]).dense.shape[0] == 0
 
 
+def test_texts_encoded_side_by_side_come_back_in_order(int8_minilm: Embedder, home: Path) -> None:
+    """Four runs at a time (one thread each) give each text the vector it gets alone, in
+    the order given, whatever thread ran it; M3's sparse weights too (test below)."""
+    wide = Embedder(
+        Settings(model=MINILM, device="cpu", backend="onnx-int8", home=home, torch_threads=4)
+    )
+    assert wide._runners._max_workers == 4
+    ids = int8_minilm.tokenize(TEXTS)[::-1]
+    alone = np.stack([int8_minilm.encode_ids([x]).dense[0] for x in ids])
+    together = wide.encode_ids(ids).dense
+    assert together.shape == alone.shape
+    assert np.allclose(together, alone, atol=1e-6)
+
+
 def test_fp32_onnx_is_torch(torch_minilm: Embedder, home: Path) -> None:
     fp32 = Embedder(Settings(model=MINILM, device="cpu", backend="onnx", home=home))
     assert agreement(fp32.encode(TEXTS).dense, torch_minilm.encode(TEXTS).dense)[1] > 0.99999
