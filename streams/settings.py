@@ -239,11 +239,17 @@ class Settings(BaseSettings):
     backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
         default="auto",
         description=(
-            "How the embedder runs the model: 'torch' (fp32 on a CPU, fp16 on a GPU), 'onnx' "
-            "(ONNX Runtime fp32) or 'onnx-int8' (int8 weights, ~3x torch on a CPU), both "
+            "How the embedder runs the model: 'torch' (fp32 on a CPU, gpu_dtype on a GPU), "
+            "'onnx' (ONNX Runtime fp32) or 'onnx-int8' (int8 weights, ~3x torch on a CPU), both "
             "exported from the local weights on first use and cached under <home>/models/; "
             "'auto' = onnx-int8 on a CPU, torch on a GPU (docs/decisions.md)."
         ),
+    )
+    gpu_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto",
+        description="The torch model's precision on a GPU (a CPU runs fp32): half precision "
+        "runs on the tensor cores; 'auto' = bf16 where the GPU has it natively (fp16's range "
+        "can overflow), else fp16.",
     )
     models_dir: Path | None = Field(
         default=None,
