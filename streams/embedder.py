@@ -9,6 +9,13 @@ FlagEmbedding loads the weights, tokenizer and (for BGE-M3) the sparse head, but
 RuntimeError; we run the forward pass ourselves on its model, tokenizer and pooling, one
 batch per call, under ``torch.inference_mode``. torch and FlagEmbedding are imported
 here only, lazily: the import costs seconds and ~500 MB, and only the embed stage pays it.
+
+On a GPU the forward pass is short enough that the host's share shows: padding a batch and
+copying it over would leave the GPU idle between batches. So a call is split in two:
+``prepare`` pads on the host into pinned memory and issues the copy on a side CUDA stream;
+``encode_prepared`` waits for that copy on the GPU (not the host) and runs the model. A
+caller that prepares batch k+1 while batch k runs keeps the GPU fed; ``encode_ids`` does
+both in turn, for callers that need no overlap. On a CPU ``prepare`` only pads.
 """
 
 from __future__ import annotations
@@ -55,6 +62,46 @@ def pooling_of(model_path: str) -> str:
     return "cls"
 
 
+#: RAGSTREAM_GPU_DTYPE's names as torch's dtype attributes.
+_TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def torch_precision(setting: str, device: str, bf16_native: bool) -> str:
+    """The torch model's precision (``bf16``, ``fp16`` or ``fp32``): the one rule.
+
+    A CPU runs fp32 whatever the setting (its half-precision matmuls are slower, and the
+    CPU's vectors are the reference the ONNX backends are checked against). On a GPU,
+    ``auto`` takes bf16 where the card has it natively (Ampere and later): fp32's range, so
+    no overflow in long sums; else fp16. Asking for bf16 on a card without it is refused:
+    torch would emulate it, slower than fp32.
+    """
+    if not device.startswith("cuda"):
+        return "fp32"
+    if setting == "auto":
+        return "bf16" if bf16_native else "fp16"
+    if setting == "bf16" and not bf16_native:
+        raise ConfigError(f"RAGSTREAM_GPU_DTYPE=bf16: {device} has no native bf16 (use fp16)")
+    if setting not in _TORCH_DTYPES:
+        raise ConfigError(f"RAGSTREAM_GPU_DTYPE={setting!r}: expected auto, bf16, fp16 or fp32")
+    return setting
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Prepared:
+    """A batch ready for ``Embedder.encode_prepared``: padded, and on a GPU on its way there.
+
+    ``inputs`` are the model's tensors on its device (None for ONNX, which takes ``ids``
+    text by text); ``host`` holds the padded tensors on the host (pinned on a GPU: kept
+    alive here until the copy from them is done); ``ready`` is the CUDA event recorded
+    after the copy on the side stream, None where there is nothing to wait for.
+    """
+
+    ids: list[list[int]]
+    inputs: dict[str, Any] | None = None
+    host: dict[str, Any] | None = None
+    ready: Any = None
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Encoded:
     dense: np.ndarray  # (n, dim) float32, L2-normalised
@@ -72,6 +119,9 @@ class Embedder:
         self.path = resolve_model_path(settings.model)
         self.device = _pick_device(settings.device, torch)
         self.backend = resolve_backend(settings.backend, self.device)
+        self.precision: str | None = None  # the torch model's; ONNX's is its graph's
+        self._gpu_dtype = settings.gpu_dtype
+        self._copy_stream: Any = None  # on a GPU: the side stream prepare() copies on
         threads = settings.torch_threads or os.cpu_count() or 1
         if self.device == "cpu":
             torch.set_num_threads(threads)
@@ -116,28 +166,37 @@ class Embedder:
             self.dim,
             self.max_length,
             self.sparse,
-            self.backend,
+            self.backend if self.precision is None else f"{self.backend} {self.precision}",
         )
 
     def _load_torch(self) -> Any:
-        """FlagEmbedding's model on the device (fp16 on a GPU); returns its tokenizer."""
+        """FlagEmbedding's model on the device, in ``torch_precision``'s dtype; returns its
+        tokenizer."""
         from FlagEmbedding import BGEM3FlagModel, FlagModel
 
+        torch = self._torch
         on_gpu = self.device.startswith("cuda")
+        # native only: with emulation counted, a V100 would "support" bf16
+        native = on_gpu and torch.cuda.is_bf16_supported(including_emulation=False)
+        self.precision = torch_precision(self._gpu_dtype, self.device, native)
+        half = {"use_fp16": self.precision == "fp16", "use_bf16": self.precision == "bf16"}
         if self.sparse:
-            self._flag = BGEM3FlagModel(self.path, use_fp16=on_gpu, devices=[self.device])
+            self._flag = BGEM3FlagModel(self.path, devices=[self.device], **half)
         else:
             self._flag = FlagModel(
                 self.path,
                 pooling_method=pooling_of(self.path),
-                use_fp16=on_gpu,
                 devices=[self.device],
                 normalize_embeddings=True,
+                **half,
             )
         model = self._flag.model
-        if not on_gpu:
+        if on_gpu:  # the whole module, BGE-M3's sparse and ColBERT heads included
+            model.to(device=self.device, dtype=getattr(torch, _TORCH_DTYPES[self.precision]))
+            self._copy_stream = torch.cuda.Stream(device=self.device)
+        else:
             model.float()
-        model.to(self.device)
+            model.to(self.device)
         model.eval()
         return self._flag.tokenizer
 
@@ -156,25 +215,57 @@ class Embedder:
 
     def encode_ids(self, ids: Sequence[list[int]]) -> Encoded:
         """One forward pass over already tokenized texts, padded to the longest."""
+        return self.encode_prepared(self.prepare(ids))
+
+    def prepare(self, ids: Sequence[list[int]]) -> Prepared:
+        """Pad a batch and start its copy to the GPU, without waiting for the model: call it
+        for the next batch while ``encode_prepared`` runs this one (thread-safe, lock-free).
+
+        On a GPU the padded tensors are pinned (only page-locked memory copies without a
+        staging copy, and asynchronously) and copied on a side stream, so the copy overlaps
+        the running forward pass instead of queueing behind it.
+        """
+        ids = list(ids)
         if self.backend != "torch":
-            return self._encode_onnx(ids)
+            return Prepared(ids)
+        host = dict(self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt"))
+        if not self.device.startswith("cuda"):
+            return Prepared(ids, inputs=host, host=host)
         torch = self._torch
-        inputs = self.tokenizer.pad({"input_ids": list(ids)}, padding=True, return_tensors="pt").to(
-            self.device
-        )
+        pinned = {k: v.pin_memory() for k, v in host.items()}
+        with torch.cuda.stream(self._copy_stream):
+            inputs = {k: v.to(self.device, non_blocking=True) for k, v in pinned.items()}
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        return Prepared(ids, inputs=inputs, host=pinned, ready=ready)
+
+    def encode_prepared(self, batch: Prepared) -> Encoded:
+        """One forward pass over a batch from ``prepare``."""
+        if self.backend != "torch":
+            return self._encode_onnx(batch.ids)
+        torch = self._torch
+        inputs, host = batch.inputs, batch.host
+        assert inputs is not None and host is not None  # prepare() sets both for torch
         with self._lock, torch.inference_mode():
+            if batch.ready is not None:
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_event(batch.ready)  # the GPU waits for the copy, not the host
+                for tensor in inputs.values():  # made on the side stream, used on this one:
+                    tensor.record_stream(compute)  # not reused before this pass is done
             if self.sparse:
                 out = self._flag.model(
                     inputs, return_dense=True, return_sparse=True, return_colbert_vecs=False
                 )
                 dense = out["dense_vecs"].float().cpu().numpy()
                 weights = out["sparse_vecs"].squeeze(-1).float().cpu().numpy()
-                rows = inputs["input_ids"].cpu().numpy()
+                rows = host["input_ids"].numpy()
                 sparse = [self._lexical(w, i) for w, i in zip(weights, rows, strict=True)]
             else:
                 hidden = self._flag.model(**inputs, return_dict=True).last_hidden_state
                 pooled = self._flag.pooling(hidden, inputs["attention_mask"])
-                dense = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
+                # normalised in fp32, not in the model's half precision (on a CPU it is fp32
+                # already, and .float() returns the same tensor)
+                dense = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
                 sparse = None
         return Encoded(dense=np.ascontiguousarray(dense, dtype=np.float32), sparse=sparse)
 
