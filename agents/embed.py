@@ -1,11 +1,13 @@
 """Embed stage: ``chunks`` -> ``vectors``; one model in memory, fed continuously.
 
 One consumer per ``chunks`` partition. The agent gathers a pool of chunks (by count or
-time), plans token-budget batches over it, and hands the pool to an encoder task; while
-that task runs the model (in a thread: torch releases the GIL, so heartbeats, commits and
-the next pool's gathering go on), the agent gathers the next pool. A pool's vectors are
-produced in offset order and its events acked once the broker has them all (the commit
-rule of :mod:`agents.checkpoint`).
+time) and starts a task for it at once: the task decodes and tokenizes its pool while the
+previous pool's task still holds the model (tokenization is not on the model's critical
+path), then takes the model in arrival order and runs its token-budget batches (in a
+thread: torch and ONNX Runtime release the GIL, so heartbeats, commits and the next
+pool's gathering go on). Each batch's vectors are sent as soon as it is encoded, so a
+page's first chunks become searchable without waiting for its last; a pool's events are
+acked once the broker has all its vectors (the commit rule of :mod:`agents.checkpoint`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import cast
 
 import faust
@@ -68,18 +70,21 @@ class EmbedStage:
         self.dlq = dlq
         self.stats = stats or EmbedStats()
         self._pools: InOrder | None = None
+        self._model = asyncio.Lock()  # FIFO: pools take the model in the order gathered
         self._last_log = 0.0
 
     async def run(self, stream: faust.Stream) -> None:
-        """Gather pool after pool; one is encoded while the next is gathered, and each
-        pool's events are acked once its vectors (or dead letters) are delivered."""
+        """Gather pool after pool; one is encoded while the next is tokenized and a third
+        gathered, and each pool's events are acked once its vectors (or dead letters) are
+        delivered."""
         pool = self.settings.embed_max_batch * 4
         checkpoint = Checkpoint(stream.ack, "embedding a pool")
         async with InOrder(checkpoint, in_flight=1) as pools:
             self._pools = pools
             async for events in stream.noack_take(pool, within=self.settings.embed_gather_s):
                 pool_events = list(events)
-                await pools.add(pool_events, self.encode_pool(pool_events))
+                task = asyncio.create_task(self.encode_pool(pool_events))
+                await pools.add(pool_events, task)
 
     async def encode_pool(self, events: list[EventT]) -> None:
         """Embed one pool; return once each event's vector or dead letter is delivered."""
@@ -95,6 +100,8 @@ class EmbedStage:
         upserts = {i: c for i, c in enumerate(decoded) if c is not None and c.op == "upsert"}
         todo = list(upserts)
         results: dict[int, Vector | Exception] = {}
+        held = held_back(decoded)
+        early: set[int] = set()  # sent with their batch
         if todo:
             texts = [upserts[i].text or "" for i in todo]
             ids = await asyncio.to_thread(embedder.tokenize, texts)
@@ -102,38 +109,38 @@ class EmbedStage:
             for b, n in enumerate(lengths):
                 if n <= embedder.n_special:  # e.g. only zero-width or control characters
                     results[todo[b]] = ValueError("text has no token the model can read")
-            for batch in plan_batches(
-                lengths, settings.embed_batch_tokens, settings.embed_max_batch
-            ):
-                batch = [b for b in batch if todo[b] not in results]
-                if not batch:
-                    continue
-                idx = [todo[b] for b in batch]
-                results.update(
-                    await self.encode_batch(
-                        [upserts[i] for i in idx],
-                        idx,
-                        [ids[b] for b in batch],
+            async with self._model:
+                for batch in plan_batches(
+                    lengths, settings.embed_batch_tokens, settings.embed_max_batch
+                ):
+                    batch = [b for b in batch if todo[b] not in results]
+                    if not batch:
+                        continue
+                    idx = [todo[b] for b in batch]
+                    done = await self.encode_batch(
+                        [upserts[i] for i in idx], idx, [ids[b] for b in batch]
                     )
-                )
-                stats.tokens += sum(lengths[b] for b in batch)
+                    results.update(done)
+                    stats.tokens += sum(lengths[b] for b in batch)
+                    for i in idx:  # progressively: this batch's pages need not wait
+                        if i not in held:
+                            sent.append(await self._send(events[i], upserts[i], done[i]))
+                            early.add(i)
         for i, (event, chunk) in enumerate(zip(events, decoded, strict=True)):
-            if chunk is None:
-                continue
-            if chunk.op == "delete":
-                vec: Vector | Exception = Vector(chunk=chunk)
-            else:
-                vec = results[i]
-            if isinstance(vec, Exception):
-                sent.append(await dead_letter(dlq, STAGE, event, "embed", repr(vec), 1, chunk.url))
-            else:
-                out = Outcome(dlq, STAGE, event, chunk.url)  # over the size limit: dead letter
-                hops = hop_headers(hops_of(event))
-                sent.append(
-                    await produce(self.vectors, chunk.key(), encode_vector(vec), out, headers=hops)
-                )
+            if chunk is None or i in early:
+                continue  # undecodable (dead-lettered above), or sent with its batch
+            vec: Vector | Exception = Vector(chunk=chunk) if chunk.op == "delete" else results[i]
+            sent.append(await self._send(event, chunk, vec))
         await delivered(sent)
         self._log_stats()
+
+    async def _send(self, event: EventT, chunk: Chunk, vec: Vector | Exception) -> Awaitable:
+        """The event's vector, or its dead letter when the model could not embed it."""
+        if isinstance(vec, Exception):
+            return await dead_letter(self.dlq, STAGE, event, "embed", repr(vec), 1, chunk.url)
+        out = Outcome(self.dlq, STAGE, event, chunk.url)  # over the size limit: dead letter
+        hops = hop_headers(hops_of(event))
+        return await produce(self.vectors, chunk.key(), encode_vector(vec), out, headers=hops)
 
     async def encode_batch(
         self, batch: list[Chunk], idx: list[int], ids: list[list[int]]
@@ -207,6 +214,32 @@ def register(app: faust.App, settings: Settings) -> None:
         set_ready()
         # faust hands an agent a Stream; its decorator is typed for StreamT
         await EmbedStage(settings, embedder, vectors, dlq, stats).run(cast(faust.Stream, stream))
+
+
+def held_back(chunks: Sequence[Chunk | None]) -> set[int]:
+    """Positions in a pool whose vectors are sent at the pool's end, in offset order,
+    rather than with their batch.
+
+    Batches run longest text first, so sending with the batch reorders a pool. That is
+    harmless between the chunks of one update of a page (distinct rows), not between two
+    updates of the same page, or an update and a trim: the writer orders those by version,
+    and a message without one (an older producer) only by its offset. So a page keeps its
+    offset order when the pool holds a trim of it, two versions of it, or one chunk of it
+    twice.
+    """
+    seen: dict[str, set[tuple[int | None, int | None]]] = {}
+    keep_order: set[str] = set()
+    for c in chunks:
+        if c is None:
+            continue
+        if c.op != "upsert":
+            keep_order.add(c.doc_id)
+            continue
+        mine = seen.setdefault(c.doc_id, set())
+        if (c.version, c.chunk_index) in mine or any(v != c.version for v, _ in mine):
+            keep_order.add(c.doc_id)
+        mine.add((c.version, c.chunk_index))
+    return {i for i, c in enumerate(chunks) if c is not None and c.doc_id in keep_order}
 
 
 def _f32(values: Iterable[float]) -> np.ndarray:

@@ -66,17 +66,19 @@ class WindowWriter:
         store: MilvusStore,
         dlq: faust.TopicT,
         stats: WriteStats | None = None,
+        commit: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.dlq = dlq
         self.stats = stats or WriteStats()
+        self.commit = commit  # the consumer's commit, run after each window (Checkpoint)
         # (requested_at, chunk_index, chunk_count) of the rows the last window upserted
         self._written: list[tuple[str | None, int | None, int]] = []
 
     async def run(self, stream: faust.Stream) -> None:
         """Write window after window; each window's events are acked once it is written."""
-        checkpoint = Checkpoint(stream.ack, "writing a window")
+        checkpoint = Checkpoint(stream.ack, "writing a window", self.commit)
         settings = self.settings
         async for events in stream.noack_take(settings.window_rows, within=settings.window_s):
             window = list(events)
@@ -198,7 +200,8 @@ def register(app: faust.App, settings: Settings) -> None:
         opened.append(store)
         set_ready()
         # faust hands an agent a Stream; its decorator is typed for StreamT
-        await WindowWriter(settings, store, dlq, stats).run(cast(faust.Stream, stream))
+        writer = WindowWriter(settings, store, dlq, stats, commit=app.consumer.commit)
+        await writer.run(cast(faust.Stream, stream))
 
 
 def _refusals(store: MilvusStore, good: list[tuple[EventT, Vector]]) -> dict[int, tuple[str, str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from aiokafka.errors import KafkaTimeoutError
 import agents.checkpoint as checkpoint
 from agents.checkpoint import Checkpoint, InOrder
 from agents.common import LIMITS
-from agents.embed import EmbedStage
+from agents.embed import EmbedStage, held_back
 from agents.fetch import FetchStage
 from agents.fetcher import Page
 from agents.write import WindowWriter
@@ -301,6 +302,24 @@ def test_writer_acks_a_window_once_written(settings: Settings) -> None:
     assert len(store.rows) == 2 and stream.acked == [0, 1]
 
 
+def test_writer_commits_each_window_right_after_acking_it(settings: Settings) -> None:
+    """Written is committed at once, not at the next commit tick: lag, progress and the
+    bench's freshness count a page as written when it is."""
+    store, commits = Store(), []
+    windows = [
+        events_of([vector_bytes(0), vector_bytes(1)], topic="vectors"),
+        [Event(Message(b"k", vector_bytes(2), offset=2, topic="vectors"))],
+    ]
+    stream = Stream(windows)
+
+    async def commit() -> bool:
+        commits.append(list(stream.acked))
+        return True
+
+    run(WindowWriter(settings, store, Topic("unit.vectors.dlq"), commit=commit).run(stream))
+    assert commits == [[0, 1], [0, 1, 2]]
+
+
 def test_writer_exits_when_milvus_fails(settings: Settings, fatal: list[str]) -> None:
     store = Store(fail=RuntimeError("not a data error, not unavailability either"))
     stream = Stream([events_of([vector_bytes(0)], topic="vectors")])
@@ -372,6 +391,74 @@ def test_embed_dead_letters_an_undecodable_chunk_and_embeds_the_rest(settings: S
     ]
     assert letters[0].value == values[1] and letters[0].stage == "embed"
     assert stage.stats.texts == 2
+
+
+class GatedEmbedder(Embedder):
+    """Holds its second encode call until ``release`` is set (from the test's loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def encode_ids(self, ids: Sequence[list[int]]) -> Encoded:
+        if self.calls:
+            assert self.release.wait(5), "never released"
+        return super().encode_ids(ids)
+
+
+def test_embed_sends_each_batch_as_it_is_encoded(settings: Settings) -> None:
+    """A page's first chunks do not wait for the pool's last batch (freshness)."""
+    settings = settings.model_copy(update={"embed_max_batch": 2})
+    vectors, model = Topic("unit.vectors"), GatedEmbedder()
+    pool = events_of([encode_chunk(make_chunk(i, "w " * (9 - i))) for i in range(4)], "chunks")
+    stage = EmbedStage(settings, model, vectors, Topic("unit.chunks.dlq"))
+
+    async def go() -> None:
+        running = asyncio.create_task(stage.encode_pool(pool))
+        await until(lambda: len(model.calls) == 1 and len(vectors.sent) == 2)
+        await asyncio.sleep(0.05)
+        assert len(vectors.sent) == 2 and not running.done()  # batch 2 is still encoding
+        model.release.set()
+        await running
+
+    run(go())
+    assert [decode_vector(v).chunk.url[-4:] for v in vectors.values()] == [
+        "doc0",
+        "doc1",
+        "doc2",
+        "doc3",
+    ]  # longest first: here offset order too
+
+
+def test_embed_keeps_offset_order_within_a_page_updated_twice_in_a_pool(
+    settings: Settings,
+) -> None:
+    """Two versions of a page (or a page and its trim) in one pool leave in offset order,
+    although batches run longest first: the writer orders unversioned messages by offset."""
+    settings = settings.model_copy(update={"embed_max_batch": 1})
+    old, new = make_chunk(1, "short"), make_chunk(1, "a much longer text of the same page")
+    values = [encode_chunk(c) for c in (old, make_chunk(2, "x y z w v"), new)]
+    vectors = Topic("unit.vectors")
+    stage = EmbedStage(settings, Embedder(), vectors, Topic("unit.chunks.dlq"))
+    run(stage.encode_pool(events_of(values, topic="chunks")))
+    assert [decode_vector(v).chunk.text for v in vectors.values()] == [
+        "x y z w v",  # another page: sent with its batch
+        "short",
+        "a much longer text of the same page",
+    ]
+
+
+def test_held_back_only_pages_whose_order_matters() -> None:
+    one = [make_chunk(1), make_chunk(2)]
+    assert held_back(one) == set()
+    page = [dataclasses.replace(make_chunk(1), chunk_index=i, version=7) for i in range(3)]
+    assert held_back([*page, None]) == set()  # chunks of one update: distinct rows
+    newer = dataclasses.replace(page[0], version=8)
+    assert held_back([*page, newer, make_chunk(2)]) == {0, 1, 2, 3}
+    trim = Chunk(op="delete", doc_id=page[0].doc_id, url=page[0].url, chunk_count=1)
+    assert held_back([page[0], make_chunk(2), trim]) == {0, 2}
+    twice = [make_chunk(1), make_chunk(1)]  # no version: two updates, told apart by offset
+    assert held_back(twice) == {0, 1}
 
 
 def test_embed_acks_a_pool_once_its_vectors_are_delivered(settings: Settings) -> None:
