@@ -35,11 +35,14 @@ from bench.runs import (
 from devtools.corpus import CorpusServer, corpus_files, ensure_django_docs, subset
 from streams.chunking import Chunker
 from streams.errors import RagstreamError
-from streams.model import resolve_model_path
+from streams.flops import encoder_shape, gpu_peak_flops, workload_flops
+from streams.model import model_config, resolve_model_path
 from streams.settings import MINILM, Settings
 
 #: Pages by default: about 200k tokens, a few minutes for all three runs on two CPU cores.
 DEFAULT_DOCS = 40
+#: Where --random-m3 keeps its model, under the models folder: BGE-M3's full compute.
+RANDOM_M3 = "random-bge-m3-24x1024"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="N rounds of bare then pipeline, interleaved; the figures are those of the round "
         "with the median efficiency, all rounds' efficiencies beside them (1)",
     )
+    p.add_argument(
+        "--random-m3",
+        action="store_true",
+        help="benchmark a model of BGE-M3's shape and compute (XLM-RoBERTa-large, random "
+        "weights; built once under RAGSTREAM_MODELS_DIR, else --home's models/): for a GPU without "
+        "the real weights",
+    )
     p.add_argument("--json-only", action="store_true", help="print only the JSON line")
     p.add_argument(
         "--home", type=Path, default=None, help="bench state (default: $RAGSTREAM_HOME/bench)"
@@ -106,6 +116,41 @@ def bench_settings() -> Settings:
     if "model" not in settings.model_fields_set:
         settings = settings.model_copy(update={"model": MINILM})
     return settings
+
+
+def random_m3_model(settings: Settings, bench_home: Path, console: Console) -> Path:
+    """The full-size random BGE-M3 (24 layers, hidden 1024, FFN 4096), built on first use."""
+    from devtools.random_m3 import make_random_m3
+
+    dest = (settings.models_dir or bench_home / "models") / RANDOM_M3
+    if not (dest / "config.json").exists():
+        console.print(f"building a random model of BGE-M3's shape in {dest} (once)")
+    return make_random_m3(dest, layers=24, intermediate=4096)
+
+
+def gpu_name(device: str | None) -> str | None:
+    """The GPU's name as torch reports it (the key of the peak table); None off a GPU."""
+    if not device or not device.startswith("cuda"):
+        return None
+    import torch
+
+    return str(torch.cuda.get_device_name(device))
+
+
+def model_flops(model: str, lengths: list[int]) -> float | None:
+    """The model's forward FLOPs over these texts, from its config; None for a shape
+    streams.flops does not know."""
+    config = model_config(resolve_model_path(model))
+    shape = encoder_shape(config) if config is not None else None
+    return float(workload_flops(shape, lengths)) if shape is not None else None
+
+
+def free_gpu_memory() -> None:
+    """Hand the bench's cached GPU memory back before the pipeline's embed process loads
+    its own model (a no-op where torch was never imported or there is no GPU)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, console: Console) -> BenchResult:
     settings = bench_settings()
     bench_home = (args.home or settings.home / "bench").resolve()
+    if args.random_m3:  # for the bare run and, through the environment, the workers
+        model = random_m3_model(settings, bench_home, console)
+        settings = settings.model_copy(update={"model": str(model)})
     docs_root = ensure_django_docs(settings.cache_dir)
     files = corpus_files(docs_root)
     chosen = files if args.full else subset(files, args.docs)
@@ -163,6 +211,7 @@ def run(args: argparse.Namespace, console: Console) -> BenchResult:
             fetchers=args.fetchers,
             chunk_partitions=args.chunk_partitions,
             embed_workers=args.embed_workers,
+            flops=model_flops(settings.model, work.lengths),
         )
         console.print(
             f"[bold]workload:[/] {work.docs} pages, {work.chunks} chunks, {work.tokens:,} "
@@ -171,6 +220,7 @@ def run(args: argparse.Namespace, console: Console) -> BenchResult:
         if not (args.skip_bare and args.skip_naive):
             in_process(args, settings, bench_home, chunker, work, result, console)
             gc.collect()  # the pipeline's embed process should not compete with our model
+            free_gpu_memory()
         opts = PipelineOptions(
             fetchers=args.fetchers,
             chunk_partitions=args.chunk_partitions,
@@ -192,6 +242,8 @@ def run(args: argparse.Namespace, console: Console) -> BenchResult:
     result.bare_s, pipe = chosen_round.bare_s, chosen_round.pipe
     result.pipeline_s = pipe.seconds
     result.device = result.device or pipe.device
+    result.gpu = gpu_name(result.device)
+    result.gpu_peak_flops = gpu_peak_flops(result.gpu)
     result.peak_rss_mb = pipe.peak_rss_mb
     result.cpu_s = pipe.cpu_s
     result.milvus_rows = pipe.milvus_rows
@@ -251,6 +303,7 @@ def bare_again(settings: Settings, work: Workload, console: Console) -> float | 
     finally:
         del embedder
         gc.collect()
+        free_gpu_memory()
     return min(batching.values(), default=None)
 
 
@@ -269,6 +322,7 @@ def in_process(
     t0 = time.perf_counter()
     embedder = Embedder(settings)
     result.device, result.backend = embedder.device, embedder.backend
+    result.precision = embedder.precision
     console.print(
         f"model {settings.model} loaded on {embedder.device} ({embedder.backend}) in "
         f"{time.perf_counter() - t0:.1f}s"

@@ -49,6 +49,13 @@ def per_second(count: int | None, seconds: float | None) -> float | None:
     return ratio(float(count) if count is not None else None, seconds)
 
 
+def flops_share(flops: float | None, seconds: float | None, peak: float | None) -> float | None:
+    """The share of the GPU's bf16 peak that the model's own FLOPs reached in ``seconds``
+    (model FLOPs utilisation): tokens/s made comparable across models and cards. None on a
+    CPU or an unlisted GPU (no peak), or when not measured."""
+    return ratio(ratio(flops, seconds), peak)
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The ``q``-th percentile (0..100) by linear interpolation between closest ranks (as
     numpy's default); None for no values."""
@@ -118,6 +125,10 @@ class BenchResult:
     model: str
     device: str | None = None
     backend: str | None = None  # the embedder's backend (torch, onnx, onnx-int8)
+    precision: str | None = None  # the torch model's dtype (bf16, fp16, fp32)
+    gpu: str | None = None  # the GPU's name, as torch reports it
+    flops: float | None = None  # the model's forward FLOPs over the workload (streams.flops)
+    gpu_peak_flops: float | None = None  # the GPU's dense bf16 peak FLOP/s
     bare_s: float | None = None
     # the backend in use against torch fp32, same batches timed in turns (bench.runs)
     compare_backend_s: float | None = None
@@ -165,6 +176,19 @@ class BenchResult:
     @property
     def speedup_bound(self) -> float | None:
         return speedup_bound(self.bare_s, self.docs, self.latency_ms / 1000)
+
+    @property
+    def flops_per_token(self) -> float | None:
+        """Mean forward FLOPs per token over the workload (attention at each text's length)."""
+        return ratio(self.flops, float(self.tokens))
+
+    @property
+    def bare_flops_share(self) -> float | None:
+        return flops_share(self.flops, self.bare_s, self.gpu_peak_flops)
+
+    @property
+    def pipeline_flops_share(self) -> float | None:
+        return flops_share(self.flops, self.pipeline_s, self.gpu_peak_flops)
 
     @property
     def ok(self) -> bool:
@@ -217,6 +241,12 @@ class BenchResult:
             "latency_ms": self.latency_ms,
             "model": self.model,
             "device": self.device,
+            "gpu": self.gpu,
+            "precision": self.precision,
+            "flops_per_token": _r(self.flops_per_token, 0),
+            "gpu_peak_flops": self.gpu_peak_flops,
+            "bare_flops_share": _r(self.bare_flops_share),
+            "pipeline_flops_share": _r(self.pipeline_flops_share),
             "peak_rss_mb": {k: round(v, 1) for k, v in sorted(self.peak_rss_mb.items())},
             "cpu_s": {k: round(v, 2) for k, v in sorted(self.cpu_s.items())},
             "bare_batching_s": {k: _r(v) for k, v in self.bare_batching.items()},
@@ -241,13 +271,30 @@ def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+def flops_lines(result: BenchResult) -> list[str]:
+    """Tokens/s of the bare model and the pipeline beside the share of the GPU's peak."""
+    peak = result.gpu_peak_flops
+    head = f"model FLOPs per token:            {(result.flops_per_token or 0) / 1e9:.3f} GFLOP"
+    if peak is None:
+        where = result.gpu or result.device or "?"
+        return [head + f"  (no bf16 peak known for {where}: no share)"]
+    lines = [head + f"; bf16 peak of {result.gpu}: {peak / 1e12:,.0f} TFLOP/s"]
+    for name, seconds, share in (
+        ("bare", result.bare_s, result.bare_flops_share),
+        ("pipeline", result.pipeline_s, result.pipeline_flops_share),
+    ):
+        tokens = _fmt(per_second(result.tokens, seconds), ",.0f")
+        lines.append(f"  {name + ':':<31} {tokens} tokens/s = {_fmt(share, '.1%')} of peak")
+    return lines
+
+
 def render(result: BenchResult, console: Console) -> None:
     """The human report: one row per run, then the ratios, latency and memory."""
     table = Table(
         title=(
             f"{result.docs} pages, {result.chunks} chunks, {result.tokens:,} tokens; "
             f"{result.latency_ms:g} ms per request; {result.model} on {result.device or '?'}"
-            f" ({result.backend or '?'})"
+            f" ({' '.join(x for x in (result.backend or '?', result.precision) if x)})"
         )
     )
     for col in ("run", "wall s", "docs/s", "chunks/s", "tokens/s"):
@@ -307,6 +354,8 @@ def render(result: BenchResult, console: Console) -> None:
             f", cosine mean {result.agreement_mean_cos:.4f}, min "
             f"{_fmt(result.agreement_min_cos, '.4f')} over {result.chunks} chunks"
         )
+    if result.flops_per_token is not None:
+        lines += flops_lines(result)
     if result.p50_s is not None:
         lines.append(
             f"publish-to-searchable latency:    p50 {result.p50_s:.2f} s, p99 "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from bench.latency import SearchableTracker
 from bench.report import (
@@ -91,6 +92,95 @@ def test_result_json_carries_the_backend_against_torch() -> None:
     assert out["compare_tokens_per_s"] == pytest.approx(2400)
     assert out["backend_speedup"] == pytest.approx(3.0)
     assert (out["agreement_mean_cos"], out["agreement_min_cos"]) == (0.995, 0.98)
+
+
+def test_result_json_carries_the_flop_share_beside_tokens_per_s() -> None:
+    from bench.report import flops_lines
+
+    r = BenchResult(docs=3, chunks=30, tokens=6000, latency_ms=100, model=MINILM, device="cpu")
+    r.bare_s, r.pipeline_s, r.flops = 2.0, 4.0, 1.2e12
+    out = r.to_json()
+    assert out["flops_per_token"] == 2e8  # a CPU: FLOPs counted, no peak, no share
+    assert out["gpu_peak_flops"] is None
+    assert out["bare_flops_share"] is None and out["pipeline_flops_share"] is None
+    assert "no bf16 peak known for cpu" in flops_lines(r)[0]
+    r.device, r.gpu, r.gpu_peak_flops, r.precision = "cuda:0", "NVIDIA H100 PCIe", 1e12, "bf16"
+    out = r.to_json()
+    assert out["gpu_peak_flops"] == 1e12 and (out["gpu"], out["precision"]) == (r.gpu, "bf16")
+    # 1.2e12 FLOPs in 2 s against 1e12 FLOP/s: 60%; in 4 s: 30%
+    assert out["bare_flops_share"] == pytest.approx(0.6)
+    assert out["pipeline_flops_share"] == pytest.approx(0.3)
+    assert out["tokens_per_s"] == pytest.approx(1500) and out["efficiency"] == 0.5  # as before
+    text = "\n".join(flops_lines(r))
+    assert "0.200 GFLOP" in text and "1 TFLOP/s" in text
+    assert "3,000 tokens/s = 60.0% of peak" in text and "1,500 tokens/s = 30.0% of peak" in text
+    json.dumps(out)
+
+
+def test_model_flops_from_the_model_config() -> None:
+    from bench.__main__ import model_flops
+
+    # MiniLM (6 x 384, FFN 1536), texts of 2 and 3 tokens: tests/test_flops.py's numbers
+    assert model_flops(MINILM, [2, 3]) == 42_504_192 + 63_783_936
+
+
+def test_random_m3_is_full_size_under_the_models_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import devtools.random_m3
+    from bench.__main__ import RANDOM_M3, build_parser, random_m3_model
+
+    made: list[tuple[Path, dict]] = []
+
+    def fake(dest: Path, **kwargs: int) -> Path:
+        made.append((dest, kwargs))
+        return dest
+
+    monkeypatch.setattr(devtools.random_m3, "make_random_m3", fake)
+    console = Console(quiet=True)
+    got = random_m3_model(Settings(models_dir=tmp_path / "shared"), tmp_path / "b", console)
+    assert got == tmp_path / "shared" / RANDOM_M3
+    assert made[0][1] == {"layers": 24, "intermediate": 4096}  # XLM-RoBERTa-large
+    assert (
+        random_m3_model(Settings(models_dir=None), tmp_path / "b", console)
+        == tmp_path / "b" / "models" / RANDOM_M3
+    )
+    assert build_parser().parse_args(["--random-m3"]).random_m3
+
+
+class _FakeGpuEmbedder:
+    """Prepares and encodes batch numbers; encoding batch k waits (bounded) until batch k+1
+    has been prepared, which only a caller that prepares ahead satisfies."""
+
+    device = "cuda:0"
+
+    def __init__(self, batches: int) -> None:
+        import threading
+
+        self.prepared = [threading.Event() for _ in range(batches)]
+        self.encoded: list[int] = []
+        self.overlapped: list[bool] = []
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return [[int(t)] for t in texts]
+
+    def prepare(self, ids: list[list[int]]) -> int:
+        self.prepared[ids[0][0]].set()
+        return ids[0][0]
+
+    def encode_prepared(self, k: int) -> None:
+        if k + 1 < len(self.prepared):
+            self.overlapped.append(self.prepared[k + 1].wait(timeout=5.0))
+        self.encoded.append(k)
+
+
+def test_on_a_gpu_the_next_batch_is_prepared_while_one_runs() -> None:
+    from bench.runs import encode_all
+
+    fake = _FakeGpuEmbedder(4)
+    encode_all(fake, [[str(k)] for k in range(4)])  # type: ignore[arg-type]
+    assert fake.encoded == [0, 1, 2, 3]
+    assert fake.overlapped == [True, True, True]
 
 
 class _FakeModel:
