@@ -73,7 +73,7 @@ def torch_precision(setting: str, device: str, bf16_native: bool) -> str:
     CPU's vectors are the reference the ONNX backends are checked against). On a GPU,
     ``auto`` takes bf16 where the card has it natively (Ampere and later): fp32's range, so
     no overflow in long sums; else fp16. Asking for bf16 on a card without it is refused:
-    torch would emulate it, slower than fp32.
+    torch would emulate it, without the tensor cores that make half precision worth having.
     """
     if not device.startswith("cuda"):
         return "fp32"
@@ -176,8 +176,9 @@ class Embedder:
 
         torch = self._torch
         on_gpu = self.device.startswith("cuda")
-        # native only: with emulation counted, a V100 would "support" bf16
-        native = on_gpu and torch.cuda.is_bf16_supported(including_emulation=False)
+        # bf16 tensor cores from Ampere (compute capability 8.0) on; asked of this device,
+        # not the current one (torch.cuda.is_bf16_supported would also count emulation)
+        native = on_gpu and torch.cuda.get_device_capability(self.device) >= (8, 0)
         self.precision = torch_precision(self._gpu_dtype, self.device, native)
         half = {"use_fp16": self.precision == "fp16", "use_bf16": self.precision == "bf16"}
         if self.sparse:
