@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import cast
 
 import faust
@@ -28,7 +28,7 @@ from agents.common import Outcome, dead_letter, hop_headers, hops_of, produce
 from agents.telemetry import set_ready
 from streams import metrics
 from streams.batching import plan_batches
-from streams.embedder import Embedder
+from streams.embedder import Embedder, Prepared
 from streams.errors import DecodeError
 from streams.messages import Chunk, Sparse, Vector, decode_chunk, encode_vector
 from streams.settings import Settings
@@ -109,16 +109,18 @@ class EmbedStage:
             for b, n in enumerate(lengths):
                 if n <= embedder.n_special:  # e.g. only zero-width or control characters
                     results[todo[b]] = ValueError("text has no token the model can read")
-            async with self._model:
+            plan = [
+                [b for b in batch if todo[b] not in results]
                 for batch in plan_batches(
                     lengths, settings.embed_batch_tokens, settings.embed_max_batch
-                ):
-                    batch = [b for b in batch if todo[b] not in results]
-                    if not batch:
-                        continue
+                )
+            ]
+            plan = [batch for batch in plan if batch]
+            async with self._model:
+                async for batch, prepared in self._prepared_ahead(plan, ids):
                     idx = [todo[b] for b in batch]
                     done = await self.encode_batch(
-                        [upserts[i] for i in idx], idx, [ids[b] for b in batch]
+                        [upserts[i] for i in idx], idx, [ids[b] for b in batch], prepared
                     )
                     results.update(done)
                     stats.tokens += sum(lengths[b] for b in batch)
@@ -134,6 +136,29 @@ class EmbedStage:
         await delivered(sent)
         self._log_stats()
 
+    async def _prepared_ahead(
+        self, plan: list[list[int]], ids: list[list[int]]
+    ) -> AsyncIterator[tuple[list[int], Prepared]]:
+        """The batches of ``plan``, each padded (and on a GPU copied) while the one before
+        it runs: the model never waits for the host between two batches."""
+        embedder = self.embedder
+
+        def ahead(k: int) -> asyncio.Task[Prepared]:
+            return asyncio.ensure_future(
+                asyncio.to_thread(embedder.prepare, [ids[b] for b in plan[k]])
+            )
+
+        task = ahead(0) if plan else None
+        try:
+            for k, batch in enumerate(plan):
+                assert task is not None
+                prepared = await task
+                task = ahead(k + 1) if k + 1 < len(plan) else None
+                yield batch, prepared
+        finally:
+            if task is not None and not task.done():
+                task.cancel()
+
     async def _send(self, event: EventT, chunk: Chunk, vec: Vector | Exception) -> Awaitable:
         """The event's vector, or its dead letter when the model could not embed it."""
         if isinstance(vec, Exception):
@@ -143,13 +168,21 @@ class EmbedStage:
         return await produce(self.vectors, chunk.key(), encode_vector(vec), out, headers=hops)
 
     async def encode_batch(
-        self, batch: list[Chunk], idx: list[int], ids: list[list[int]]
+        self,
+        batch: list[Chunk],
+        idx: list[int],
+        ids: list[list[int]],
+        prepared: Prepared | None = None,
     ) -> dict[int, Vector | Exception]:
-        """One encode call; if it fails, each text alone, so one bad text costs one."""
+        """One encode call (of ``prepared``, ``ids`` made ready ahead, if given); if it
+        fails, each text alone, so one bad text costs one."""
         embedder, stats = self.embedder, self.stats
         t0 = time.perf_counter()
         try:
-            out = await asyncio.to_thread(embedder.encode_ids, ids)
+            if prepared is not None:
+                out = await asyncio.to_thread(embedder.encode_prepared, prepared)
+            else:
+                out = await asyncio.to_thread(embedder.encode_ids, ids)
             encoded = [
                 (c, out.dense[j], out.sparse[j] if out.sparse else None)
                 for j, c in enumerate(batch)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -360,6 +361,38 @@ class Embedder:
         dense = np.asarray([[1.0, 0.0, 0.0, float(len(x))] for x in ids], "f4")
         return Encoded(dense=dense, sparse=None)
 
+    def prepare(self, ids: Sequence[list[int]]) -> Any:
+        return list(ids)
+
+    def encode_prepared(self, prepared: Any) -> Encoded:
+        return self.encode_ids(prepared)
+
+
+class LookaheadEmbedder(Embedder):
+    """Encodes batch k only once batch k+1 was prepared (unless k is the last of
+    ``batches``, or 2 s passed): the stage must prepare ahead, as the GPU needs (the copy
+    of the next batch overlaps this one)."""
+
+    def __init__(self, batches: int) -> None:
+        super().__init__()
+        self.batches = batches
+        self.log: list[str] = []
+        self.prepares = self.encodes = 0
+
+    def prepare(self, ids: Sequence[list[int]]) -> Any:
+        self.log.append(f"prepare {self.prepares}")
+        self.prepares += 1
+        return list(ids)
+
+    def encode_prepared(self, prepared: Any) -> Encoded:
+        want = min(self.encodes + 2, self.batches)
+        deadline = time.monotonic() + 2
+        while self.prepares < want and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.log.append(f"encode {self.encodes}")
+        self.encodes += 1
+        return self.encode_ids(prepared)
+
 
 def test_embed_dead_letters_an_undecodable_chunk_and_embeds_the_rest(settings: Settings) -> None:
     vectors, dlq = Topic("unit.vectors"), Topic("unit.chunks.dlq")
@@ -428,6 +461,17 @@ def test_embed_sends_each_batch_as_it_is_encoded(settings: Settings) -> None:
         "doc2",
         "doc3",
     ]  # longest first: here offset order too
+
+
+def test_embed_prepares_the_next_batch_while_one_runs(settings: Settings) -> None:
+    settings = settings.model_copy(update={"embed_max_batch": 1})
+    model, vectors = LookaheadEmbedder(batches=3), Topic("unit.vectors")
+    stage = EmbedStage(settings, model, vectors, Topic("unit.chunks.dlq"))
+    pool = events_of([encode_chunk(make_chunk(i, "w " * (5 - i))) for i in range(3)], "chunks")
+    run(stage.encode_pool(pool))
+    assert len(vectors.sent) == 3
+    # each batch but the first was prepared before the one before it was encoded
+    assert model.log == ["prepare 0", "prepare 1", "encode 0", "prepare 2", "encode 1", "encode 2"]
 
 
 def test_embed_keeps_offset_order_within_a_page_updated_twice_in_a_pool(
