@@ -109,8 +109,11 @@ def test_sigkill_a_stage_at_a_random_point(
     rng = random.Random(f"{stage}-{seed}")
     fraction = rng.uniform(0.15, 0.75)
     files = docs_for_faults(django_docs)
-    # Fetching slowly (2 at a time, 0.4 s each) leaves every stage busy long enough to be hit.
-    settings = settings.model_copy(update={"fetch_concurrency": 2})
+    # Fetching slowly (2 at a time, 0.4 s each) leaves every stage busy long enough to be hit;
+    # small embed pools (16 chunks) make the embed stage's progress move in steps a poll
+    # sees: with 128-chunk pools and texts run side by side, CI saw all 279 chunks embedded
+    # before a poll saw the fraction (embed-2).
+    settings = settings.model_copy(update={"fetch_concurrency": 2, "embed_max_batch": 4})
     with CorpusServer(django_docs, latency_s=0.4) as server:
         expected = expected_index(chunker, server, files)
         base = baseline(settings)
