@@ -173,3 +173,6 @@ class InOrder:
             _, work = self._queue.get_nowait()
             if asyncio.iscoroutine(work):
                 work.close()  # never started: say so quietly, not "never awaited"
+            elif isinstance(work, asyncio.Future):
+                work.cancel()  # started (a fetch's page, an embed pool): its events stay
+                # unacked, so its outputs are redone after the restart; stop spending on it

@@ -84,7 +84,11 @@ class EmbedStage:
             async for events in stream.noack_take(pool, within=self.settings.embed_gather_s):
                 pool_events = list(events)
                 task = asyncio.create_task(self.encode_pool(pool_events))
-                await pools.add(pool_events, task)
+                try:
+                    await pools.add(pool_events, task)
+                except BaseException:  # stopped or revoked while waiting for room
+                    task.cancel()
+                    raise
 
     async def encode_pool(self, events: list[EventT]) -> None:
         """Embed one pool; return once each event's vector or dead letter is delivered."""

@@ -240,6 +240,27 @@ def test_in_order_stops_at_the_failed_unit(fatal: list[str]) -> None:
     assert stream.acked == [0] and len(fatal) == 1  # 2 was delivered, but never acked
 
 
+def test_in_order_cancels_started_work_it_leaves_uncommitted() -> None:
+    """Leaving the block (stopped, partitions revoked) drops what is not committed: a unit
+    already running stops spending the model or the network on events that stay unacked."""
+    stream = Stream([])
+    gate = asyncio.Event()
+
+    async def go() -> list[bool]:
+        async def held() -> None:
+            await gate.wait()
+
+        tasks = [asyncio.create_task(held()) for _ in range(3)]
+        async with InOrder(Checkpoint(stream.ack, "test"), in_flight=8) as pending:
+            for event, task in zip(events_of([b"0", b"1", b"2"]), tasks, strict=True):
+                await pending.add([event], task)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0)
+        return [t.cancelled() for t in tasks[1:]]
+
+    assert run(go()) == [True, True] and stream.acked == []
+
+
 # --- the writer -----------------------------------------------------------------------------
 
 
